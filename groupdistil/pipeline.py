@@ -1,0 +1,121 @@
+"""The contract between the engine and a dataset pipeline.
+
+The engine never imports a pipeline. Pipelines register through the ``groupdistil.pipelines`` entry-point group
+(see ``pyproject.toml``) and are looked up by name with :func:`get_pipeline`.
+
+Batch contract (what a training ``DataLoader`` yields, after default collation):
+
+- ``x``: float tensor ``(B, C, H, W)``, the network input;
+- ``group``: long tensor ``(B,)``, the group index in ``[0, n_groups)``, in the order of ``group_names``;
+- ``index``: long tensor ``(B,)``, the sample's index in the training dataset (stable across epochs; the key of the
+  teacher cache);
+- one target per head of the model: ``cls`` long ``(B,)`` class labels, ``seg`` long ``(B, 1, H, W)`` label maps.
+
+Model contract: ``model(x)`` returns a ``dict`` mapping each head name (``"seg"``, ``"cls"``) to logits,
+``(B, K, H, W)`` for ``seg`` and ``(B, K)`` for ``cls``.
+
+Training datasets are indexed by a key ``(index, seed)``: all randomness of the sample's augmentation derives from
+``seed``, so a run is a pure function of its seed whatever the number of workers or processes, and resumes exactly.
+"""
+from __future__ import annotations
+
+import abc
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .errors import UserError
+
+ENTRY_POINT_GROUP = "groupdistil.pipelines"
+
+Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+class Pipeline(abc.ABC):
+    """One dataset: its data, its models, its evaluation and its report."""
+
+    name: ClassVar[str]
+    #: defaults of the pipeline's config sections: ``{"data": {...}, "model": {...}, "eval": {...}}``
+    defaults: ClassVar[dict[str, dict[str, Any]]]
+
+    def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
+        self.cfg = cfg
+        self.data_root = Path(data_root)
+
+    # --- data -------------------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def group_names(self) -> list[str]:
+        """Names of the groups, in index order."""
+
+    @property
+    @abc.abstractmethod
+    def train_group_counts(self) -> list[int]:
+        """Number of training samples (as the training dataset counts them) of each group."""
+
+    @abc.abstractmethod
+    def train_dataset(self) -> Dataset:
+        """The training set, indexed by ``(index, seed)`` keys; ``len()`` is the number of samples."""
+
+    @abc.abstractmethod
+    def train_groups(self) -> torch.Tensor:
+        """Group index of every training sample, long ``(N,)`` (for group-balanced sampling)."""
+
+    @abc.abstractmethod
+    def train_is_random(self) -> bool:
+        """True when training samples are randomly augmented (then teacher outputs cannot be cached)."""
+
+    def fingerprint(self) -> str:
+        """A short string that changes when the data changes (used to refuse resuming on other data)."""
+        return ""
+
+    # --- models -----------------------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def heads(self) -> dict[str, int]:
+        """Heads of the model and their number of classes, e.g. ``{"seg": 4, "cls": 5}``."""
+
+    @abc.abstractmethod
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        """A model whose forward returns ``{head: logits}``."""
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
+                 teacher: Predictor | None = None) -> dict[str, Any]:
+        """Evaluate on ``split`` (``"val"`` or ``"test"``).
+
+        Returns JSON-serialisable metrics with at least ``worst_group_metric`` (higher is better; model selection
+        uses it on ``val``) and ``average_metric``. When ``out_dir`` is given, per-case files are written there
+        (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it.
+        """
+
+    @abc.abstractmethod
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+        """Write ``report.md`` and ``report.html`` into ``run_dir`` from ``metrics`` (and ``info``: params, timings)."""
+
+    # --- synthetic data ---------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
+        """Write a synthetic dataset in the real release's layout under ``out``."""
+
+
+def pipeline_classes() -> dict[str, type[Pipeline]]:
+    """All installed pipelines by name (entry points of group ``groupdistil.pipelines``)."""
+    found: dict[str, type[Pipeline]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load()
+    return found
+
+
+def get_pipeline(name: str) -> type[Pipeline]:
+    classes = pipeline_classes()
+    if name not in classes:
+        valid = ", ".join(sorted(classes)) or "none installed (pip install -e .)"
+        raise UserError(f"unknown pipeline '{name}'; valid: {valid}")
+    return classes[name]
