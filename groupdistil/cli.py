@@ -1,0 +1,120 @@
+"""The ``groupdistil`` command (also ``python -m groupdistil``).
+
+    groupdistil run CONFIG.yaml --data-root DIR --out RUN_DIR [--method NAME] [--teacher PATH] [--seed N]
+                    [--max-steps N] [--checkpoint-every N] [--set key=value ...] [--force] [--debug]
+    groupdistil synth {mms,waterbirds} --out DIR [--seed N]
+    groupdistil compare EXPERIMENT.yaml --data-root DIR --out DIR
+    groupdistil export RUN_DIR --format torchscript|onnx
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ENGINE_DEFAULTS, deep_merge, load_yaml, parse_set, validate
+from .errors import UserError
+from .pipeline import get_pipeline, pipeline_classes
+
+
+def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a run config, check it against the declared defaults, apply overrides, fill every default."""
+    from .methods import method_arg_defaults
+
+    user = load_yaml(path)
+    name = user.get("pipeline")
+    if not name:
+        raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(sorted(pipeline_classes()))})")
+    pipeline_cls = get_pipeline(name)
+    schema = deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **pipeline_cls.defaults})
+    validate(user, schema, str(path))
+    cfg = deep_merge(schema, user)
+    if overrides:
+        validate(overrides, schema, "command line")
+        cfg = deep_merge(cfg, overrides)
+    return cfg
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .trainer import Trainer
+
+    overrides = parse_set(args.set or [])
+    for key, value in (("method", args.method), ("seed", args.seed)):
+        if value is not None:
+            overrides[key] = value
+    for key, value in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every)):
+        if value is not None:
+            overrides.setdefault("train", {})[key] = value
+    cfg = resolve_config(args.config, overrides)
+    data_root = Path(args.data_root)
+    if not data_root.exists():
+        raise UserError(f"{data_root}: data root does not exist (make a synthetic one with "
+                        f"'groupdistil synth {cfg['pipeline']} --out {data_root}')")
+    trainer = Trainer(cfg, get_pipeline(cfg["pipeline"]), data_root, Path(args.out), args.teacher, args.force)
+    trainer.run()
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    get_pipeline(args.pipeline).synthesize(Path(args.out), seed=args.seed)
+    print(f"wrote synthetic {args.pipeline} data to {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="groupdistil", description="Group-robust knowledge distillation.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="train one run (teacher, student or baseline) into a run folder")
+    r.add_argument("config", help="run config YAML (configs/<pipeline>.yaml or <pipeline>_teacher.yaml)")
+    r.add_argument("--data-root", required=True, help="dataset folder in the real release's layout")
+    r.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
+    r.add_argument("--method", help="erm | kd | groupdro | groupdistil (overrides the config)")
+    r.add_argument("--teacher", help="the teacher's run folder or checkpoint (kd, groupdistil)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--max-steps", type=int)
+    r.add_argument("--checkpoint-every", type=int)
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01")
+    r.add_argument("--force", action="store_true", help="start the run folder over if its config differs")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
+    s.add_argument("pipeline", help="mms | waterbirds")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    s.set_defaults(func=cmd_synth)
+
+    for extra in _extra_commands:
+        extra(sub)
+    return p
+
+
+_extra_commands: list[Callable[[Any], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line without --debug, the traceback with it
+        if args.debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else ""
+        print(f"error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

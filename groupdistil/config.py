@@ -1,0 +1,147 @@
+"""Run configuration: YAML files checked against declared defaults (hparams-registry style).
+
+Every key a run reads is declared once here (engine sections) or in the pipeline's ``defaults`` (``data``,
+``model``, ``eval``) or in a method's ``defaults`` (``method_args``). A config may only set declared keys, with a
+value of the declared type; anything else is an error that names the key and lists the valid ones.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "pipeline": None,
+    "groups": None,  # written by the run: group names in index order (ignored on input)
+    "run": None,  # written by the run: data fingerprint, teacher (ignored on input)
+    "method": "erm",
+    "seed": 0,
+    "method_args": {},  # filled from the methods' defaults
+    "loss": {
+        "alpha": 0.5,  # classification: alpha * CE + (1 - alpha) * KD
+        "tau": 4.0,  # KD temperature
+        "lambda_dice": 1.0,  # segmentation: lambda_dice * Dice + lambda_ce * CE + lambda_kd * KD
+        "lambda_ce": 1.0,
+        "lambda_kd": 1.0,
+        "heads": None,  # {head: weight}; None = every head of the pipeline with weight 1
+    },
+    "train": {
+        "max_steps": 500,
+        "batch_size": 32,
+        "optimizer": "sgd",  # sgd | adamw
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 1.0e-4,
+        "schedule": "cosine",  # constant | cosine | linear
+        "warmup_steps": 0,
+        "grad_clip": 0.0,  # max gradient norm; 0 disables
+        "eval_every": 100,  # validate (and select the model) every N steps, and at the end
+        "checkpoint_every": 100,  # write checkpoints/last.pt every N steps
+        "log_every": 20,  # flush train_log.jsonl every N steps (one line per step)
+        "balanced_sampling": False,  # sample groups uniformly (weights 1 / n_g)
+        "num_workers": 0,
+        "device": "auto",  # auto | cpu | cuda
+        "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
+        "channels_last": True,  # on CUDA
+        "teacher_cache": "auto",  # auto: cache teacher outputs when training inputs are deterministic | off
+        "compile": False,
+    },
+}
+
+# keys whose value may be any mapping (not checked key by key)
+_FREE_MAPPINGS = {("loss", "heads"), ("data", "splits"), ("data", "class_map")}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of keys to values")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.1", "data.splits={train: ...}"]`` -> nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item}: expected key=value (e.g. train.lr=0.01)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def validate(cfg: dict[str, Any], schema: dict[str, Any], source: str, prefix: tuple[str, ...] = ()) -> None:
+    """Check that ``cfg`` only uses keys of ``schema`` with values of the declared types."""
+    for key, value in cfg.items():
+        path = (*prefix, key)
+        dotted = ".".join(path)
+        if key not in schema:
+            valid = ", ".join(sorted(schema)) or "(none)"
+            where = ".".join(prefix) or "top level"
+            raise UserError(f"{source}: unknown config key '{dotted}'; valid keys at {where}: {valid}")
+        default = schema[key]
+        if path in _FREE_MAPPINGS:
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{dotted}' must be a mapping, got {value!r}")
+            continue
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{dotted}' must be a mapping, got {value!r}")
+            validate(value, default, source, path)
+        elif not _type_ok(default, value):
+            raise UserError(f"{source}: config key '{dotted}' must be of type {type(default).__name__} "
+                            f"(default {default!r}), got {value!r}")
+
+
+def config_hash(cfg: dict[str, Any], exclude: tuple[str, ...] = ("run",)) -> str:
+    """Hash of the parts of a resolved config that define the results."""
+    core = {k: v for k, v in cfg.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,148 @@
+"""Training methods: one small class each, one contract (DomainBed style).
+
+``update(batch) -> dict`` takes one optimizer step and returns detached tensors to log (no host sync);
+``predict(x) -> {head: logits}`` runs the student. A method is the pair (per-sample loss, aggregation):
+
+========== ================================ =========================================
+method     per-sample loss                  aggregation over the batch
+========== ================================ =========================================
+erm        labels only                      mean
+kd         labels + KD term (teacher)       mean
+groupdro   labels only                      EG group weights (group DRO)
+groupdistil labels + KD term (teacher)      EG group weights (GroupDistil)
+========== ================================ =========================================
+
+Adding a method means adding a class here with ``@METHODS.register(name)``; the trainer never changes.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, ClassVar, ContextManager
+
+import torch
+from torch import Tensor, nn
+
+from .losses import TaskLoss
+from .registry import Registry
+from .weighting import GroupWeights, group_means
+
+METHODS: Registry[type["Method"]] = Registry("method")
+
+TeacherFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``needs_teacher``, ``defaults`` and override ``aggregate``."""
+
+    needs_teacher: ClassVar[bool] = False
+    #: method hyperparameters (``method_args`` in a config) and their defaults
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, student: nn.Module, criterion: TaskLoss, n_groups: int, train_counts: list[int],
+                 hparams: dict[str, Any], teacher: TeacherFn | None = None) -> None:
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method '{self.name}' needs a teacher (--teacher RUN_DIR)")
+        self.student = student
+        self.criterion = criterion
+        self.n_groups = n_groups
+        self.train_counts = list(train_counts)
+        self.hparams = {**self.defaults, **{k: v for k, v in hparams.items() if k in self.defaults}}
+        self.teacher = teacher if self.needs_teacher else None
+        # set by the trainer (defaults make the method usable on its own, e.g. in tests)
+        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
+        self.scheduler: Any = None
+        self.forward_model: nn.Module = student  # the DDP wrapper under torchrun
+        self.autocast: Callable[[], ContextManager] = nullcontext
+        self.reduce: Callable[[Tensor], Tensor] = lambda t: t
+        self.grad_scale: float = 1.0  # world size under DDP
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__)
+
+    def per_sample(self, batch: dict[str, Tensor], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        teacher_out = self.teacher(batch) if self.teacher is not None else None
+        return self.criterion(outputs, batch, teacher_out)
+
+    def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Plain mean over the batch; logs the per-group means too (cheap, no sync)."""
+        g_loss, g_count = group_means(losses.detach().float(), groups, self.n_groups)
+        return losses.mean(), {"group_loss": g_loss, "group_count": g_count}
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        self.forward_model.train()
+        with self.autocast():
+            outputs = self.forward_model(batch["x"])
+            terms = self.per_sample(batch, outputs)
+            loss, logs = self.aggregate(terms["total"], batch["group"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        out = {"loss": loss.detach().float()}
+        out.update({k: v.detach().float().mean() for k, v in terms.items() if k != "total"})
+        out.update(logs)
+        return out
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> dict[str, Tensor]:
+        self.student.eval()
+        with self.autocast():
+            return self.student(x)
+
+
+class _GroupWeighted(Method):
+    """Aggregation by exponentiated-gradient group weights (see :mod:`groupdistil.weighting`)."""
+
+    defaults: ClassVar[dict[str, Any]] = {"eta": 0.01, "adj_c": 0.0, "normalize_loss": False}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        h = self.hparams
+        self.weights = GroupWeights(self.n_groups, eta=h["eta"], adj_c=h["adj_c"], train_counts=self.train_counts,
+                                    normalize_loss=h["normalize_loss"])
+
+    def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.weights(losses, groups, reduce=self.reduce, scale=self.grad_scale)
+
+
+def _register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.registry_name = name  # type: ignore[attr-defined]
+        return METHODS.register(name)(cls)
+
+    return deco
+
+
+@_register("erm")
+class ERM(Method):
+    """Labels only, mean over samples (also how a teacher is trained)."""
+
+
+@_register("kd")
+class KD(Method):
+    """Plain knowledge distillation: labels + KD term, uniform over samples."""
+
+    needs_teacher = True
+
+
+@_register("groupdro")
+class GroupDRO(_GroupWeighted):
+    """Group DRO from scratch (Sagawa et al. 2020): labels only, EG group weights."""
+
+
+@_register("groupdistil")
+class GroupDistil(_GroupWeighted):
+    """GroupDistil: the distillation loss with EG group weights."""
+
+    needs_teacher = True
+
+
+def method_arg_defaults() -> dict[str, Any]:
+    """Union of every registered method's hyperparameters (the valid keys of ``method_args``)."""
+    out: dict[str, Any] = {}
+    for name in METHODS.names():
+        out.update(METHODS.get(name).defaults)
+    return out

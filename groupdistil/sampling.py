@@ -1,0 +1,61 @@
+"""Batch sampling as a pure function of (seed, step): exact resume, any number of workers or processes.
+
+Global step ``s`` lies in epoch ``e = s // B`` with ``B = N // global_batch`` batches an epoch (last partial batch
+dropped). Epoch ``e`` orders the samples by a permutation drawn from a generator seeded with ``(seed, e)`` (or, with
+group-balanced sampling, draws ``N`` indices with replacement with probability proportional to ``1 / n_g``). Rank
+``r`` of ``W`` takes the ``r``-th contiguous slice of the global batch, so the union over ranks is exactly the batch
+a single process would train on. Each sample gets an augmentation seed derived from ``(seed, e, position)``; the
+dataset is indexed by the key ``(index, aug_seed)``.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+_MIX = 0x9E3779B1
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Infinite stream of batches of ``(index, aug_seed)`` keys starting at ``start_step``."""
+
+    def __init__(self, n_samples: int, global_batch: int, seed: int, start_step: int = 0,
+                 groups: torch.Tensor | None = None, rank: int = 0, world_size: int = 1) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"train.batch_size ({global_batch}) must be divisible by the number of processes "
+                             f"({world_size})")
+        if n_samples < global_batch:
+            raise ValueError(f"the training set has {n_samples} samples, fewer than train.batch_size "
+                             f"({global_batch})")
+        self.n, self.global_batch, self.seed = n_samples, global_batch, seed
+        self.start_step, self.rank, self.world_size = start_step, rank, world_size
+        self.batches_per_epoch = n_samples // global_batch
+        self.probs: torch.Tensor | None = None
+        if groups is not None:
+            counts = torch.bincount(groups, minlength=int(groups.max()) + 1).double()
+            self.probs = (1.0 / counts.clamp_min(1))[groups]
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * _MIX + epoch) % (2**63))
+        if self.probs is not None:
+            return torch.multinomial(self.probs, self.n, replacement=True, generator=g)
+        return torch.randperm(self.n, generator=g)
+
+    def batch_keys(self, step: int, order: torch.Tensor | None = None) -> list[tuple[int, int]]:
+        epoch, b = divmod(step, self.batches_per_epoch)
+        order = self.epoch_order(epoch) if order is None else order
+        per_rank = self.global_batch // self.world_size
+        start = b * self.global_batch + self.rank * per_rank
+        idx = order[start:start + per_rank].tolist()
+        base = ((self.seed * _MIX) ^ (epoch * 1_000_003)) % (2**31 - self.n - 1)
+        return [(i, (base + start + j) % (2**31 - 1)) for j, i in enumerate(idx)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        step, epoch, order = self.start_step, -1, None
+        while True:
+            e = step // self.batches_per_epoch
+            if e != epoch:
+                epoch, order = e, self.epoch_order(e)
+            yield self.batch_keys(step, order)
+            step += 1

@@ -1,0 +1,415 @@
+"""One trainer for every pipeline and method: plain PyTorch, readable top to bottom.
+
+    setup -> (resume) -> for step: batch -> method.update -> log -> validate/select -> checkpoint
+          -> final evaluation of the selected and the last checkpoint -> metrics.json -> report
+
+RUN_DIR layout: ``config.yaml`` (resolved config, group names in order), ``train_log.jsonl`` (one line per optimizer
+step), ``eval_log.jsonl`` (one line per validation), ``checkpoints/last.pt`` (full training state, for resume),
+``checkpoints/best.pt`` (the selected model: best worst-group validation metric), ``metrics.json``,
+``timing.json`` and the pipeline's per-case files and report.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import distributed as dist_utils
+from .config import config_hash, dump_yaml
+from .errors import UserError
+from .io import atomic_torch_save, atomic_write_json, atomic_write_text
+from .losses import TaskLoss
+from .methods import METHODS, Method
+from .pipeline import Pipeline
+from .sampling import StepBatchSampler
+from .teacher import CKPT_FORMAT, Teacher, load_checkpoint, load_model_from_checkpoint
+
+LOG_KEYS_GROUP = ("group_loss", "group_count", "group_weight")
+
+
+def log(msg: str) -> None:
+    if dist_utils.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is 'cuda' but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"train.device must be auto, cpu or cuda, got '{name}'")
+    return torch.device(name)
+
+
+def build_optimizer(params: Any, t: dict[str, Any]) -> torch.optim.Optimizer:
+    if t["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
+    if t["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
+    raise UserError(f"unknown train.optimizer '{t['optimizer']}'; valid: adamw, sgd")
+
+
+def _lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
+    if kind == "linear":
+        return max(0.0, 1.0 - p)
+    return 1.0
+
+
+def build_scheduler(opt: torch.optim.Optimizer, t: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
+    if t["schedule"] not in ("constant", "cosine", "linear"):
+        raise UserError(f"unknown train.schedule '{t['schedule']}'; valid: constant, cosine, linear")
+    f = partial(_lr_factor, total=t["max_steps"], warmup=t["warmup_steps"], kind=t["schedule"])
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class StepLogger:
+    """Buffers per-step tensors on the device and writes them to ``train_log.jsonl`` in one host sync per flush."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.buffer: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.last: dict[str, Any] = {}
+
+    def add(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        self.buffer.append((step, values))
+
+    def flush(self) -> None:
+        """Write buffered lines; raise if a loss was not finite (naming the step)."""
+        if not self.buffer:
+            return
+        keys = list(self.buffer[0][1])
+        flat = torch.cat([torch.cat([v[k].reshape(-1).float() for k in keys]) for _, v in self.buffer]).cpu()
+        sizes = [self.buffer[0][1][k].numel() for k in keys]
+        rows = flat.view(len(self.buffer), -1).tolist()
+        lines = []
+        for (step, _), row in zip(self.buffer, rows):
+            rec: dict[str, Any] = {"step": step}
+            pos = 0
+            for k, n in zip(keys, sizes):
+                vals = row[pos:pos + n]
+                pos += n
+                rec[k] = vals if k in LOG_KEYS_GROUP else vals[0]
+            lines.append(rec)
+        self.buffer.clear()
+        bad = next((r for r in lines if not math.isfinite(r["loss"])), None)
+        if self.enabled:
+            good = lines if bad is None else [r for r in lines if r["step"] < bad["step"]]
+            with open(self.path, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in good)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if bad is not None:
+            raise UserError(f"non-finite loss ({bad['loss']}) at step {bad['step']}; training stopped, the last "
+                            f"good checkpoint is kept (lower train.lr or check the data)")
+        self.last = lines[-1]
+
+    def truncate(self, after_step: int) -> None:
+        """Drop lines of steps > ``after_step`` (written after the checkpoint we resume from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
+
+
+class Progress:
+    """tqdm on a terminal; plain periodic lines otherwise (logs of batch jobs stay readable)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.t0, self.start = time.time(), start
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, info: dict[str, Any], every: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if info and step % every == 0:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
+        elif self.enabled and step % every == 0:
+            rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+            extra = " ".join(f"{k} {v:.4g}" for k, v in info.items())
+            log(f"step {step}/{self.total} {extra} ({rate:.2f} steps/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Trains one run described by a resolved config into ``run_dir``."""
+
+    def __init__(self, cfg: dict[str, Any], pipeline_cls: type[Pipeline], data_root: Path, run_dir: Path,
+                 teacher_path: str | None = None, force: bool = False) -> None:
+        self.cfg, self.run_dir, self.force = cfg, Path(run_dir), force
+        self.t = cfg["train"]
+        self.ddp_device = dist_utils.init_from_env()
+        self.device = self.ddp_device or pick_device(self.t["device"])
+        self.main = dist_utils.is_main()
+        seed_everything(cfg["seed"])
+        if self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.pipeline = pipeline_cls(cfg, data_root)
+        self.cfg["groups"] = list(self.pipeline.group_names)
+        self.n_groups = len(self.cfg["groups"])
+        self.train_counts = list(self.pipeline.train_group_counts)
+        for name, n in zip(self.cfg["groups"], self.train_counts):
+            if n == 0:
+                log(f"warning: group '{name}' has no training samples; its weight stays defined and only changes "
+                    f"by renormalisation")
+        self.use_amp = self.device.type == "cuda" and self.t["amp"]
+        self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext)
+        self.method_cls = _method_class(cfg["method"])
+        self.teacher_path = teacher_path
+        if self.method_cls.needs_teacher and not teacher_path:
+            raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
+                            f"configs/{self.pipeline.name}_teacher.yaml)")
+        self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
+                           "teacher": str(teacher_path) if teacher_path and self.method_cls.needs_teacher else None}
+
+    # --- run folder --------------------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> str:
+        """Returns 'new', 'resume' or 'done'. Refuses a folder made with another config unless --force."""
+        cfg_path = self.run_dir / "config.yaml"
+        h = config_hash(self.cfg, exclude=())
+        if cfg_path.exists():
+            import yaml
+
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+            same = config_hash(old, exclude=()) == h
+            if not same and not self.force:
+                raise UserError(f"{self.run_dir}: this run folder was created with a different config or data "
+                                f"(see its config.yaml); use another --out or --force to start it over")
+            if not same or self.force:
+                if self.main:
+                    for name in ("checkpoints", "train_log.jsonl", "eval_log.jsonl", "metrics.json"):
+                        p = self.run_dir / name
+                        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            elif (self.run_dir / "metrics.json").exists():
+                return "done"
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg_path, dump_yaml(self.cfg))
+        self.run_hash = h
+        return "resume" if (self.run_dir / "checkpoints" / "last.pt").exists() else "new"
+
+    # --- setup ---------------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        seed_everything(self.cfg["seed"])
+        heads = self.cfg["loss"]["heads"] or {h: 1.0 for h in self.pipeline.heads}
+        unknown = sorted(set(heads) - set(self.pipeline.heads))
+        if unknown:
+            raise UserError(f"loss.heads names {unknown}, which the {self.pipeline.name} model does not have; "
+                            f"valid: {sorted(self.pipeline.heads)}")
+        self.student = self.pipeline.build_model(self.cfg["model"]).to(self.device)
+        if self.device.type == "cuda" and self.t["channels_last"]:
+            self.student = self.student.to(memory_format=torch.channels_last)
+        teacher = None
+        self.teacher_model = None
+        if self.method_cls.needs_teacher:
+            tm, _ = load_model_from_checkpoint(self.teacher_path, self.pipeline)
+            tm = tm.to(self.device)
+            if self.device.type == "cuda" and self.t["channels_last"]:
+                tm = tm.to(memory_format=torch.channels_last)
+            teacher = Teacher(tm, self.autocast)
+            self.teacher_model = tm
+        criterion = TaskLoss(heads, self.cfg["loss"])
+        self.method: Method = self.method_cls(self.student, criterion, self.n_groups, self.train_counts,
+                                              self.cfg["method_args"], teacher=teacher).to(self.device)
+        self.method.autocast = self.autocast
+        self.method.optimizer = build_optimizer(self.student.parameters(), self.t)
+        self.method.scheduler = build_scheduler(self.method.optimizer, self.t)
+        if dist_utils.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.method.forward_model = DDP(self.student, device_ids=ids)
+            self.method.reduce = dist_utils.all_reduce_sum
+            self.method.grad_scale = float(dist_utils.world_size())
+        self.dataset = self.pipeline.train_dataset()
+        if teacher is not None and self.t["teacher_cache"] == "auto" and not self.pipeline.train_is_random():
+            t0 = time.time()
+            dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+            teacher.build_cache(self.dataset, self.device, self.t["batch_size"], self.t["num_workers"], dtype)
+            log(f"teacher outputs cached for {len(self.dataset)} training samples in {time.time() - t0:.1f}s")
+
+    def loader(self, start_step: int) -> DataLoader:
+        groups = self.pipeline.train_groups() if self.t["balanced_sampling"] else None
+        sampler = StepBatchSampler(len(self.dataset), self.t["batch_size"], self.cfg["seed"], start_step, groups,
+                                   dist_utils.rank(), dist_utils.world_size())
+        nw = self.t["num_workers"]
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
+                          pin_memory=self.device.type == "cuda", prefetch_factor=4 if nw > 0 else None)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def state(self, step: int) -> dict[str, Any]:
+        return {
+            "format": CKPT_FORMAT, "run_hash": self.run_hash, "step": step, "config": self.cfg,
+            "model": self.student.state_dict(), "method": self.method_state(),
+            "optimizer": self.method.optimizer.state_dict(), "scheduler": self.method.scheduler.state_dict(),
+            "best": self.best, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                                       "python": random.getstate()},
+        }
+
+    def method_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.state_dict().items() if not k.startswith("student.")}
+
+    def save_last(self, step: int) -> None:
+        if self.main:
+            atomic_torch_save(self.state(step), self.run_dir / "checkpoints" / "last.pt")
+
+    def resume(self) -> int:
+        path = self.run_dir / "checkpoints" / "last.pt"
+        ck = load_checkpoint(path)
+        if ck.get("run_hash") != self.run_hash:
+            raise UserError(f"{path}: this checkpoint belongs to another run (config hash differs); use --force")
+        self.student.load_state_dict(ck["model"])
+        self.method.load_state_dict({**ck["method"], **{f"student.{k}": v for k, v in ck["model"].items()}})
+        self.method.optimizer.load_state_dict(ck["optimizer"])
+        self.method.scheduler.load_state_dict(ck["scheduler"])
+        self.best = ck["best"]
+        torch.set_rng_state(ck["rng"]["torch"])
+        np.random.set_state(ck["rng"]["numpy"])
+        random.setstate(ck["rng"]["python"])
+        return int(ck["step"])
+
+    # --- evaluation ----------------------------------------------------------------------------------------------
+    def predictor(self, model: nn.Module):
+        def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
+            model.eval()
+            with torch.inference_mode(), self.autocast():
+                return {k: v.float() for k, v in model(x.to(self.device)).items()}
+
+        return predict
+
+    def validate(self, step: int) -> None:
+        if self.main:
+            m = self.pipeline.evaluate(self.predictor(self.student), "val")
+            m.pop("timing", None)
+            score = float(m["worst_group_metric"])
+            rec = {"step": step, "worst_group_metric": score, "average_metric": float(m["average_metric"])}
+            with open(self.run_dir / "eval_log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            if self.best is None or score > self.best["worst_group_metric"]:
+                self.best = rec
+                atomic_torch_save({"format": CKPT_FORMAT, "run_hash": self.run_hash, "step": step,
+                                   "config": self.cfg, "model": self.student.state_dict(), "val": rec},
+                                  self.run_dir / "checkpoints" / "best.pt")
+            log(f"validation at step {step}: worst-group {score:.4f} average {rec['average_metric']:.4f} "
+                f"(best {self.best['worst_group_metric']:.4f} at step {self.best['step']})")
+        dist_utils.barrier()
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any] | None:
+        status = self.prepare_run_dir()
+        if status == "done":
+            log(f"{self.run_dir}: already finished (metrics.json exists); nothing to do")
+            return None
+        t_start = time.time()
+        self.build()
+        self.best: dict[str, Any] | None = None
+        logger = StepLogger(self.run_dir / "train_log.jsonl", self.main)
+        start = 0
+        if status == "resume":
+            start = self.resume()
+            logger.truncate(start)
+            log(f"resuming {self.run_dir} from step {start}")
+        total = self.t["max_steps"]
+        progress = Progress(total, start, self.main)
+        step = start
+        batches = iter(self.loader(start))
+        try:
+            while step < total:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+                if self.device.type == "cuda" and self.t["channels_last"]:
+                    batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+                values = self.method.update(batch)
+                step += 1
+                logger.add(step, values)
+                last = step == total
+                if step % self.t["log_every"] == 0 or last:
+                    logger.flush()
+                progress.update(step, {"loss": logger.last.get("loss", float("nan"))}, self.t["log_every"])
+                if step % self.t["eval_every"] == 0 or last:
+                    logger.flush()
+                    self.validate(step)
+                if step % self.t["checkpoint_every"] == 0 or last:
+                    logger.flush()
+                    self.save_last(step)
+        finally:
+            progress.close()
+        train_seconds = time.time() - t_start
+        return self.finish(step, train_seconds)
+
+    def finish(self, step: int, train_seconds: float) -> dict[str, Any] | None:
+        if not self.main:
+            dist_utils.barrier()
+            return None
+        t0 = time.time()
+        teacher_pred = self.predictor(self.teacher_model) if self.teacher_model is not None else None
+        last = {"step": step}
+        for split in ("val", "test"):
+            last[split] = self.pipeline.evaluate(self.predictor(self.student), split)
+            last[split].pop("timing", None)
+        best_ck = load_checkpoint(self.run_dir / "checkpoints" / "best.pt")
+        selected = copy.deepcopy(self.student)
+        selected.load_state_dict(best_ck["model"])
+        metrics: dict[str, Any] = {"selected_step": int(best_ck["step"]), "groups": self.cfg["groups"]}
+        timing: dict[str, Any] = {"train_seconds": train_seconds}
+        for split in ("val", "test"):
+            m = self.pipeline.evaluate(self.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
+            timing[split] = m.pop("timing", {})
+            metrics[split] = m
+        metrics["last"] = last
+        timing["eval_seconds"] = time.time() - t0
+        info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
+                "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
+                "train_seconds": train_seconds, **{k: v for k, v in timing.get("test", {}).items()}}
+        atomic_write_json(self.run_dir / "timing.json", {**timing, "params": info["params"],
+                                                         "teacher_params": info["teacher_params"]})
+        self.pipeline.write_report(self.run_dir, metrics, info)
+        atomic_write_json(self.run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
+        log(f"done: selected step {metrics['selected_step']}, test worst-group {metrics['test']['worst_group_metric']:.4f}"
+            f", average {metrics['test']['average_metric']:.4f}; {self.run_dir}/metrics.json")
+        dist_utils.barrier()
+        return metrics
+
+
+def _method_class(name: str) -> type[Method]:
+    try:
+        return METHODS.get(name)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
