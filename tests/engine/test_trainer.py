@@ -1,0 +1,140 @@
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from groupdistil.config import deep_merge
+from groupdistil.errors import UserError
+from groupdistil.trainer import Trainer
+from toy_pipeline import ToyPipeline
+
+
+def run(cfg, out, **kw):
+    return Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw).run()
+
+
+@pytest.fixture
+def teacher_dir(toy_cfg, tmp_path):
+    run(toy_cfg, tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("eta", [0.01, 0.5])
+def test_eg_identity_holds_in_a_real_run(toy_cfg, teacher_dir, tmp_path, eta):
+    cfg = deep_merge(toy_cfg, {"method": "groupdistil", "model": {"width": 4}, "method_args": {"eta": eta}})
+    run(cfg, tmp_path / "gd", teacher_path=str(teacher_dir))
+    rows = read_log(tmp_path / "gd" / "train_log.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    prev = [1 / 3] * 3
+    for r in rows:
+        q, l = r["group_weight"], r["group_loss"]
+        diffs = [math.log(q[g]) - math.log(prev[g]) - eta * l[g] for g in range(3)]
+        assert max(diffs) - min(diffs) < 1e-5, (r["step"], diffs)
+        assert abs(sum(q) - 1) < 1e-5
+        for g in range(3):
+            assert (r["group_count"][g] == 0) == (l[g] == 0.0)
+        prev = q
+    assert sum(rows[0]["group_count"]) == 32
+
+
+def test_run_folder_contract(toy_cfg, teacher_dir, tmp_path):
+    cfg = deep_merge(toy_cfg, {"method": "kd"})
+    metrics = run(cfg, tmp_path / "kd", teacher_path=str(teacher_dir))
+    d = tmp_path / "kd"
+    for name in ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "metrics.json", "timing.json",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (d / name).exists(), name
+    import yaml
+
+    resolved = yaml.safe_load((d / "config.yaml").read_text())
+    assert resolved["groups"] == ["g0", "g1", "g2"] and resolved["method"] == "kd"
+    on_disk = json.loads((d / "metrics.json").read_text())
+    assert on_disk["selected_step"] in (6, 12) and on_disk["last"]["step"] == 12
+    assert 0.0 <= on_disk["test"]["worst_group_metric"] <= 1.0
+    assert on_disk == json.loads(json.dumps(metrics))
+
+
+def test_same_seed_same_metrics_and_finished_run_not_retrained(toy_cfg, tmp_path, capsys):
+    a = run(toy_cfg, tmp_path / "a")
+    b = run(toy_cfg, tmp_path / "b")
+    assert a == b
+    assert run(toy_cfg, tmp_path / "a") is None  # finished: not retrained
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_resume_from_checkpoint_gives_identical_metrics(toy_cfg, tmp_path):
+    full = run(toy_cfg, tmp_path / "full")
+    d = tmp_path / "part"
+    t = Trainer(copy.deepcopy(toy_cfg), ToyPipeline, d, d)
+    save_last = t.save_last
+
+    class Crash(Exception):
+        pass
+
+    def save_and_crash(step):  # crash right after the step-6 checkpoint
+        save_last(step)
+        raise Crash
+
+    t.save_last = save_and_crash
+    with pytest.raises(Crash):
+        t.run()
+    assert not (d / "metrics.json").exists()
+    resumed = run(toy_cfg, d)
+    assert resumed == full
+    assert [r["step"] for r in read_log(d / "train_log.jsonl")] == list(range(1, 13))
+
+
+def test_changed_config_is_refused_unless_forced(toy_cfg, tmp_path):
+    run(toy_cfg, tmp_path / "r")
+    other = deep_merge(toy_cfg, {"train": {"lr": 0.01}})
+    with pytest.raises(UserError, match="different config"):
+        run(other, tmp_path / "r")
+    assert run(other, tmp_path / "r", force=True) is not None
+
+
+def test_distillation_without_teacher_is_a_clear_error(toy_cfg, tmp_path):
+    with pytest.raises(UserError, match="--teacher"):
+        run(deep_merge(toy_cfg, {"method": "groupdistil"}), tmp_path / "x")
+
+
+def test_teacher_of_wrong_architecture_is_refused(toy_cfg, teacher_dir, tmp_path):
+    ck = torch.load(teacher_dir / "checkpoints" / "best.pt", weights_only=False)
+    ck["config"]["model"]["width"] = 5  # the weights no longer fit the declared architecture
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="do not fit"):
+        run(deep_merge(toy_cfg, {"method": "kd"}), tmp_path / "kd", teacher_path=str(tmp_path / "bad.pt"))
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(toy_cfg, tmp_path):
+    cfg = deep_merge(toy_cfg, {"train": {"lr": 1.0e30, "optimizer": "sgd", "momentum": 0.0}})
+    with pytest.raises(UserError, match=r"non-finite loss .* at step \d+"):
+        run(cfg, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "metrics.json").exists()
+
+
+def test_balanced_sampling_draws_groups_evenly(toy_cfg):
+    from groupdistil.sampling import StepBatchSampler
+
+    groups = ToyPipeline(toy_cfg, ".").train_groups()
+    s = StepBatchSampler(len(groups), 32, 0, groups=groups)
+    it = iter(s)
+    drawn = torch.cat([torch.tensor([groups[i] for i, _ in next(it)]) for _ in range(60)])
+    frac = torch.bincount(drawn, minlength=3).float() / len(drawn)
+    assert (frac - 1 / 3).abs().max() < 0.05
+    plain = torch.bincount(groups, minlength=3).float() / len(groups)
+    assert plain.min() < 0.2  # the data really are imbalanced
+
+
+def test_sampler_shards_are_the_single_process_batch():
+    from groupdistil.sampling import StepBatchSampler
+
+    single = StepBatchSampler(100, 8, 3, start_step=5).batch_keys(17)
+    shards = [StepBatchSampler(100, 8, 3, rank=r, world_size=2).batch_keys(17) for r in range(2)]
+    assert shards[0] + shards[1] == single
+    assert StepBatchSampler(100, 8, 3).batch_keys(17) == single  # a pure function of (seed, step)
