@@ -81,7 +81,24 @@ class Pipeline(abc.ABC):
 
     @abc.abstractmethod
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        """A model whose forward returns ``{head: logits}``."""
+        """A model whose forward returns ``{head: logits}``; it depends on the config only, never on data."""
+
+    @classmethod
+    def model_for(cls, cfg: dict[str, Any]) -> nn.Module:
+        """The model of a resolved run config, without reading any data (teacher loading, export)."""
+        obj = cls.__new__(cls)
+        Pipeline.__init__(obj, cfg, Path("."))
+        return obj.build_model(cfg["model"])
+
+    @classmethod
+    def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """A description of the input preprocessing of a run config (written next to exported models)."""
+        return {}
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None."""
+        return None
 
     # --- evaluation -------------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -90,7 +107,10 @@ class Pipeline(abc.ABC):
         """Evaluate on ``split`` (``"val"`` or ``"test"``).
 
         Returns JSON-serialisable metrics with at least ``worst_group_metric`` (higher is better; model selection
-        uses it on ``val``) and ``average_metric``. When ``out_dir`` is given, per-case files are written there
+        uses it on ``val``), ``average_metric`` and ``group_metric`` (``{group name: value}``, the per-group metric
+        whose minimum is ``worst_group_metric``). An optional ``timing`` entry (seconds, e.g.
+        ``infer_seconds_per_case``) is moved by the trainer into ``timing.json`` and the report's ``info``, so
+        ``metrics.json`` stays identical between identical runs. When ``out_dir`` is given, per-case files are written there
         (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it.
         """
 

@@ -36,15 +36,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ck
 
 
-def load_model_from_checkpoint(path: str | Path, pipeline: Any, what: str = "teacher") -> tuple[nn.Module, dict]:
+def load_model_from_checkpoint(path: str | Path, pipeline_cls: Any, what: str = "teacher") -> tuple[nn.Module, dict]:
     """Build the model described by the checkpoint's own config and load its weights."""
     ck_path = resolve_checkpoint(path, what)
     ck = load_checkpoint(ck_path)
     cfg = ck["config"]
-    if cfg.get("pipeline") != pipeline.name:
+    if cfg.get("pipeline") != pipeline_cls.name:
         raise UserError(f"{ck_path}: the {what} was trained with pipeline '{cfg.get('pipeline')}', "
-                        f"this run uses '{pipeline.name}'")
-    model = pipeline.build_model(cfg["model"])
+                        f"this run uses '{pipeline_cls.name}'")
+    model = pipeline_cls.model_for(cfg)
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:

@@ -240,7 +240,7 @@ class Trainer:
         teacher = None
         self.teacher_model = None
         if self.method_cls.needs_teacher:
-            tm, _ = load_model_from_checkpoint(self.teacher_path, self.pipeline)
+            tm, _ = load_model_from_checkpoint(self.teacher_path, type(self.pipeline))
             tm = tm.to(self.device)
             if self.device.type == "cuda" and self.t["channels_last"]:
                 tm = tm.to(memory_format=torch.channels_last)

@@ -99,7 +99,7 @@ class ToyPipeline(Pipeline):
         correct = (pred == d["cls"]).float()
         sums = torch.zeros(3).index_add_(0, d["group"], correct)
         acc = (sums / torch.bincount(d["group"], minlength=3).clamp_min(1)).tolist()
-        out = {"group_acc": dict(zip(self.group_names, acc)), "worst_group_metric": min(acc),
+        out = {"group_metric": dict(zip(self.group_names, acc)), "worst_group_metric": min(acc),
                "average_metric": correct.mean().item()}
         if out_dir is not None:
             atomic_write_json(Path(out_dir) / f"toy_{split}.json", out)

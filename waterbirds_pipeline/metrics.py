@@ -1,0 +1,58 @@
+"""Waterbirds accuracies: per group, worst group and the three "average" accuracies that circulate.
+
+With ``acc_g`` the accuracy on the images of group ``g`` of the evaluated split:
+
+- ``worst_group_acc`` = min_g acc_g (the headline number; model selection uses it on val);
+- ``avg_acc`` = raw accuracy over all images of the split (val/test are group-balanced within each class);
+- ``train_weighted_avg_acc`` = sum_g (n_train_g / n_train) acc_g, the group DRO paper's "average accuracy";
+- ``mean_group_acc`` = mean_g acc_g, the unweighted mean some benchmarks call "adjusted accuracy".
+
+Groups with no image in the split have accuracy ``None`` and are left out of the minimum and the means.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+ACCURACY_DEFINITIONS = {
+    "worst_group_acc": "worst-group accuracy: the lowest per-group accuracy",
+    "avg_acc": "raw accuracy over every image of the split (val/test are group-balanced within each class)",
+    "train_weighted_avg_acc": "per-group accuracies weighted by the training group proportions "
+                              "(the group DRO paper's 'average accuracy')",
+    "mean_group_acc": "unweighted mean of the per-group accuracies ('adjusted accuracy')",
+}
+
+
+def group_accuracy(correct: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group accuracy (NaN for an empty group) and count, both ``(n_groups,)``, from bool ``correct`` ``(N,)``."""
+    group = np.asarray(group, dtype=np.int64)
+    n = np.bincount(group, minlength=n_groups)
+    hits = np.bincount(group, weights=np.asarray(correct, dtype=np.float64), minlength=n_groups)
+    acc = np.divide(hits, n, out=np.full(n_groups, np.nan), where=n > 0)
+    return acc, n
+
+
+def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_names: Sequence[str],
+                     train_counts: Sequence[int]) -> dict[str, Any]:
+    """All accuracies of predictions ``pred`` ``(N,)`` against labels ``y`` ``(N,)``; JSON-serialisable.
+
+    Also the engine's keys: ``worst_group_metric`` (= worst_group_acc), ``average_metric`` (= train_weighted_avg_acc).
+    """
+    correct = np.asarray(pred) == np.asarray(y)
+    acc, n = group_accuracy(correct, group, len(group_names))
+    present = n > 0
+    weights = np.asarray(train_counts, dtype=np.float64) * present
+    worst = int(np.nanargmin(acc)) if present.any() else None
+    summary = {
+        "group_acc": {name: (float(a) if ok else None) for name, a, ok in zip(group_names, acc, present)},
+        "group_n": {name: int(k) for name, k in zip(group_names, n)},
+        "worst_group_acc": float(acc[worst]) if worst is not None else None,
+        "worst_group": group_names[worst] if worst is not None else None,
+        "avg_acc": float(correct.mean()) if correct.size else None,
+        "train_weighted_avg_acc": float(np.nansum(acc * weights) / weights.sum()) if weights.sum() > 0 else None,
+        "mean_group_acc": float(acc[present].mean()) if present.any() else None,
+    }
+    summary["worst_group_metric"] = summary["worst_group_acc"]
+    summary["average_metric"] = summary["train_weighted_avg_acc"]
+    return summary

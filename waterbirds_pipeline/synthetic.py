@@ -1,0 +1,238 @@
+"""A synthetic Waterbirds in the release's layout: ``metadata.csv`` and JPEGs of varied sizes in species folders.
+
+The design is fixed before any method is compared and is never tuned to favour one:
+
+- core feature (decides the class, no label noise): the neck length of the bird. Landbirds have a neck of 0.2-0.9
+  body half-lengths, waterbirds 1.1-2.0, uniformly, so a share of the images lies close to the boundary. Every other
+  property is drawn from the same distribution for both classes: body aspect, neck angle, head, beak and leg sizes,
+  tail, colours (four palettes, the "species", shared by both classes), scale, rotation (+-25 degrees), mirroring,
+  position, JPEG quality.
+- spurious feature (easy): the background. Water is blue to teal, with horizontal waves of random wavelength and
+  ripple; land is green, olive or brown foliage made of multi-scale blotches. Both get an optional sky band.
+- group proportions: training counts of the real release (3498 / 184 / 56 / 1057, so 95% of each class on its
+  matching background) times ``scale``; validation counts of the real release times ``scale``, test twice the
+  validation (the real test is about five times the validation; halved to keep CPU evaluation cheap). In val and
+  test exactly half of each class lies on each background. Every group gets at least ``min_per_group`` images.
+
+Usage: ``python -m waterbirds_pipeline.synthetic --out DIR [--seed N] [--scale 0.2]``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from groupdistil.errors import UserError
+from groupdistil.io import atomic_write_bytes, atomic_write_text
+
+from .metadata import COLUMNS, GROUP_NAMES, METADATA, PLACE_NAMES, SPLITS
+
+REAL_TRAIN = (3498, 184, 56, 1057)  # per group, index 2 * y + place
+REAL_VAL = (467, 466, 133, 133)
+TEST_OVER_VAL = 2
+PALETTES = ("brown", "grey", "dark", "vivid")
+LAND_COLOURS = (((0.08, 0.22, 0.06), (0.42, 0.62, 0.22)),  # green
+                ((0.20, 0.24, 0.08), (0.55, 0.55, 0.25)),  # olive
+                ((0.25, 0.16, 0.08), (0.58, 0.45, 0.28)))  # brown
+WATER_COLOURS = (((0.04, 0.16, 0.38), (0.36, 0.58, 0.82)),  # blue
+                 ((0.03, 0.25, 0.30), (0.30, 0.66, 0.66)))  # teal
+NECK_RANGE = ((0.2, 0.9), (1.1, 2.0))  # by y, in body half-lengths
+
+
+def group_counts(scale: float, min_per_group: int = 4) -> dict[str, list[int]]:
+    """Images per group of each split; val and test put exactly half of each class on each background."""
+    train = [max(min_per_group, round(n * scale)) for n in REAL_TRAIN]
+    val: list[int] = []
+    for y in (0, 1):
+        half = max(min_per_group, round((REAL_VAL[2 * y] + REAL_VAL[2 * y + 1]) * scale / 2))
+        val += [half, half]
+    return {"train": train, "val": val, "test": [TEST_OVER_VAL * n for n in val]}
+
+
+def species_folder(y: int, palette: int) -> str:
+    kind = ("Landbird", "Waterbird")[y]
+    return f"{1 + palette + len(PALETTES) * y:03d}.{kind}_{PALETTES[palette]}"
+
+
+# --- backgrounds ----------------------------------------------------------------------------------------------
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Values in [0, 1] of shape ``(h, w)``: a random ``cells``-wide grid, bicubically upsampled."""
+    grid = rng.random((max(2, round(cells * h / w)), cells)).astype(np.float32)
+    return np.clip(np.asarray(Image.fromarray(grid, mode="F").resize((w, h), Image.Resampling.BICUBIC)), 0, 1)
+
+
+def _jitter(rng: np.random.Generator, colour: Sequence[float], amount: float = 0.06) -> np.ndarray:
+    return np.clip(np.asarray(colour) + rng.uniform(-amount, amount, 3), 0, 1)
+
+
+def _background(rng: np.random.Generator, h: int, w: int, place: int) -> np.ndarray:
+    """Float ``(h, w, 3)`` in [0, 1]: water waves (place 1) or land foliage (place 0), with an optional sky band."""
+    if place == 1:
+        dark, light = WATER_COLOURS[rng.integers(len(WATER_COLOURS))]
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        wavelength, ripple = rng.uniform(3, 10), rng.uniform(8, 40)
+        phase = 2 * np.pi * yy / wavelength + rng.uniform(0.5, 2.0) * np.sin(2 * np.pi * xx / ripple
+                                                                             + rng.uniform(0, 2 * np.pi))
+        t = 0.65 * (0.5 + 0.5 * np.sin(phase + 3 * _smooth_noise(rng, h, w, 6))) + 0.35 * _smooth_noise(rng, h, w, 5)
+    else:
+        dark, light = LAND_COLOURS[rng.integers(len(LAND_COLOURS))]
+        t = 0.55 * _smooth_noise(rng, h, w, int(rng.integers(4, 9))) \
+            + 0.45 * _smooth_noise(rng, h, w, int(rng.integers(14, 30)))
+    dark, light = _jitter(rng, dark), _jitter(rng, light)
+    img = dark + t[..., None] * (light - dark)
+    if rng.random() < 0.5:
+        horizon = int(h * rng.uniform(0.1, 0.35))
+        sky = _jitter(rng, (0.70, 0.80, 0.90), 0.1)
+        img[:horizon] = sky * np.linspace(0.9, 1.05, horizon)[:, None, None]
+    return img
+
+
+# --- birds ----------------------------------------------------------------------------------------------------
+def _ellipse(cx: float, cy: float, a: float, b: float, angle: float = 0.0, n: int = 28) -> np.ndarray:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    pts = np.stack([a * np.cos(t), b * np.sin(t)], 1)
+    c, s = math.cos(angle), math.sin(angle)
+    return pts @ np.array([[c, s], [-s, c]]) + (cx, cy)
+
+
+def _bar(p: np.ndarray, q: np.ndarray, width: float) -> np.ndarray:
+    """Quadrilateral of ``width`` from point ``p`` to point ``q``."""
+    d = (q - p) / max(np.linalg.norm(q - p), 1e-6)
+    n = np.array([-d[1], d[0]]) * width / 2
+    return np.stack([p + n, q + n, q - n, p - n])
+
+
+def _palette_colours(rng: np.random.Generator, palette: int) -> tuple[np.ndarray, np.ndarray]:
+    """Body and wing colours of one bird, in [0, 1]."""
+    if PALETTES[palette] == "brown":
+        body = _jitter(rng, (0.55, 0.38, 0.22), 0.12)
+    elif PALETTES[palette] == "grey":
+        body = np.full(3, rng.uniform(0.55, 0.95)) + rng.uniform(-0.04, 0.04, 3)
+    elif PALETTES[palette] == "dark":
+        body = np.full(3, rng.uniform(0.05, 0.3)) + rng.uniform(-0.04, 0.04, 3)
+    else:
+        body = rng.uniform(0.05, 1.0, 3)
+    wing = body * rng.uniform(0.5, 0.85) if rng.random() < 0.5 else body + (1 - body) * rng.uniform(0.2, 0.5)
+    return np.clip(body, 0, 1), np.clip(wing, 0, 1)
+
+
+def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Polygons ``(points (P, 2), rgb)`` of a bird facing +x, in body half-lengths, y up, body at the origin."""
+    b = rng.uniform(0.45, 0.65)
+    body, wing = _palette_colours(rng, palette)
+    head_colour = body if rng.random() < 0.6 else _palette_colours(rng, int(rng.integers(len(PALETTES))))[0]
+    beak_colour = np.array([(0.95, 0.75, 0.1), (0.9, 0.45, 0.1), (0.1, 0.1, 0.1), (0.5, 0.5, 0.5)][rng.integers(4)])
+    leg_colour = beak_colour * rng.uniform(0.6, 1.0)
+
+    neck_angle = math.radians(rng.uniform(50, 85))
+    neck_base = np.array([0.65, 0.3 * b])
+    head = neck_base + rng.uniform(*NECK_RANGE[y]) * np.array([math.cos(neck_angle), math.sin(neck_angle)])
+    head_r = rng.uniform(0.28, 0.4)
+    beak_dir = math.radians(rng.uniform(-25, 15))
+    beak_len, beak_w = rng.uniform(0.3, 0.8), head_r * rng.uniform(0.5, 0.8)
+    beak_root = head + 0.8 * head_r * np.array([math.cos(beak_dir), math.sin(beak_dir)])
+    beak_tip = head + (head_r + beak_len) * np.array([math.cos(beak_dir), math.sin(beak_dir)])
+    tail_len, tail_spread = rng.uniform(0.4, 0.9), rng.uniform(0.15, 0.4)
+    tail_angle = math.radians(rng.uniform(-10, 35))
+    tail_tip = np.array([-0.85 - tail_len * math.cos(tail_angle), tail_len * math.sin(tail_angle)])
+    tail = np.stack([(-0.7, 0.25 * b), tail_tip + (0, tail_spread), tail_tip - (0, tail_spread), (-0.7, -0.25 * b)])
+    leg_len, leg_w = rng.uniform(0.4, 1.2), rng.uniform(0.06, 0.1)
+    parts = [(tail, body)]
+    for x in (-0.2, 0.15):
+        top, foot = np.array([x, -0.8 * b]), np.array([x + rng.uniform(-0.15, 0.15), -b - leg_len])
+        parts += [(_bar(top, foot, leg_w), leg_colour), (_bar(foot, foot + (0.3, 0), leg_w), leg_colour)]
+    parts += [
+        (_bar(neck_base, head, 2 * head_r * rng.uniform(0.45, 0.7)), head_colour),
+        (_ellipse(0, 0, 1, b), body),
+        (_ellipse(-0.15, 0.1 * b, rng.uniform(0.5, 0.75), 0.55 * b, rng.uniform(-0.2, 0.2)), wing),
+        (np.stack([beak_root + (0, beak_w / 2), beak_tip, beak_root - (0, beak_w / 2)]), beak_colour),
+        (_ellipse(*head, head_r, head_r), head_colour),
+        (_ellipse(*(head + head_r * np.array([0.35, 0.25])), 0.07, 0.07), np.full(3, 0.05)),
+    ]
+    return parts
+
+
+def _draw_bird(rng: np.random.Generator, img: Image.Image, y: int, palette: int) -> None:
+    """Draw a bird at a random scale, rotation, mirroring and position, wholly inside ``img``."""
+    parts = _bird(rng, y, palette)
+    w, h = img.size
+    unit = rng.uniform(0.09, 0.14) * min(w, h)  # pixels per body half-length
+    angle = math.radians(rng.uniform(-25, 25))
+    c, s = math.cos(angle), math.sin(angle)
+    mirror = -1.0 if rng.random() < 0.5 else 1.0
+    m = unit * np.array([[c * mirror, -s], [s * mirror, c]]) @ np.diag([1.0, -1.0])  # y up -> image rows down
+    pts = [p @ m.T for p, _ in parts]
+    lo, hi = np.min([p.min(0) for p in pts], 0), np.max([p.max(0) for p in pts], 0)
+    room = np.maximum(np.array([w, h]) - (hi - lo), 0)
+    offset = rng.uniform(0, 1, 2) * room - lo
+    draw = ImageDraw.Draw(img)
+    for p, (_, colour) in zip(pts, parts):
+        draw.polygon([tuple(q) for q in p + offset], fill=tuple(int(v * 255) for v in colour))
+
+
+def render(rng: np.random.Generator, y: int, place: int, palette: int, size_range: tuple[int, int]) -> bytes:
+    """JPEG bytes of one synthetic image of random size in ``size_range`` (each side independently)."""
+    w, h = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    bg = _background(rng, h, w, place) * rng.uniform(0.8, 1.15)
+    img = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
+    _draw_bird(rng, img, y, palette)
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+# --- the dataset ----------------------------------------------------------------------------------------------
+def synthesize(out: Path, seed: int = 0, scale: float = 0.2, min_size: int = 96, max_size: int = 192,
+               min_per_group: int = 4) -> Path:
+    """Write the synthetic dataset into ``out`` (``metadata.csv`` last, so a partial run has none); return ``out``.
+
+    Deterministic given ``seed`` and the options; ``scale`` 0.2 gives 960 train, 240 val and 480 test images.
+    """
+    if scale <= 0 or not 8 <= min_size <= max_size or min_per_group < 1:
+        raise UserError("synthesize needs scale > 0, 8 <= min_size <= max_size and min_per_group >= 1")
+    out = Path(out)
+    counts = group_counts(scale, min_per_group)
+    specs = [(split, g) for split in SPLITS for g, n in enumerate(counts[split]) for _ in range(n)]
+    order = np.random.default_rng([seed, 0]).permutation(len(specs))
+    rows = []
+    for img_id, k in enumerate(order, start=1):
+        split, g = specs[k]
+        y, place = divmod(g, 2)
+        rng = np.random.default_rng([seed, 1, img_id])
+        palette = int(rng.integers(len(PALETTES)))
+        folder = species_folder(y, palette)
+        filename = f"{folder}/{folder.split('.', 1)[1]}_{img_id:05d}.jpg"
+        atomic_write_bytes(out / filename, render(rng, y, place, palette, (min_size, max_size)))
+        place_file = f"/{PLACE_NAMES[place][0]}/{PLACE_NAMES[place]}/{img_id:08d}.jpg"
+        rows.append((img_id, filename, y, SPLITS.index(split), place, place_file))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows(rows)
+    atomic_write_text(out / METADATA, buf.getvalue())
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write a synthetic Waterbirds dataset.")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=0.2, help="fraction of the real train/val group counts")
+    parser.add_argument("--min-size", type=int, default=96)
+    parser.add_argument("--max-size", type=int, default=192)
+    args = parser.parse_args(argv)
+    synthesize(args.out, args.seed, args.scale, args.min_size, args.max_size)
+    counts = group_counts(args.scale)
+    print(f"wrote {sum(map(sum, counts.values()))} images to {args.out}: "
+          + "; ".join(f"{s} {dict(zip(GROUP_NAMES, counts[s]))}" for s in SPLITS))
+
+
+if __name__ == "__main__":
+    main()
