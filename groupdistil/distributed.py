@@ -50,3 +50,29 @@ def init_from_env() -> torch.device | None:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shard(n: int) -> range:
+    """The indices of ``n`` evaluation cases this process handles (round robin over ranks)."""
+    return range(rank(), n, world_size())
+
+
+def gather_objects(items: list) -> list:
+    """Concatenate the per-rank lists ``items`` on every rank (rank order); identity in a single process.
+
+    Evaluation uses it to gather per-case results (which carry their case IDs) from all ranks.
+    """
+    if not is_distributed():
+        return list(items)
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

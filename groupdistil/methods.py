@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .losses import TaskLoss
 from .registry import Registry
-from .weighting import GroupWeights, group_means
+from .weighting import GroupWeights, group_sums
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -66,9 +66,12 @@ class Method(nn.Module):
         return self.criterion(outputs, batch, teacher_out)
 
     def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Plain mean over the batch; logs the per-group means too (cheap, no sync)."""
-        g_loss, g_count = group_means(losses.detach().float(), groups, self.n_groups)
-        return losses.mean(), {"group_loss": g_loss, "group_count": g_count}
+        """Plain mean over the batch. Logs the global-batch mean and per-group means (no host sync)."""
+        sums, counts = group_sums(losses.detach().float(), groups, self.n_groups)
+        stats = self.reduce(torch.stack([sums, counts]))
+        logs = {"loss": stats[0].sum() / stats[1].sum(), "group_loss": stats[0] / stats[1].clamp_min(1),
+                "group_count": stats[1]}
+        return losses.mean(), logs
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         self.forward_model.train()
@@ -81,7 +84,7 @@ class Method(nn.Module):
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        out = {"loss": loss.detach().float()}
+        out = {"loss": logs.pop("loss")}
         out.update({k: v.detach().float().mean() for k, v in terms.items() if k != "total"})
         out.update(logs)
         return out
@@ -105,7 +108,9 @@ class _GroupWeighted(Method):
                                     normalize_loss=h["normalize_loss"])
 
     def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.weights(losses, groups, reduce=self.reduce, scale=self.grad_scale)
+        objective, logs = self.weights(losses, groups, reduce=self.reduce, scale=self.grad_scale)
+        logs["loss"] = (logs["group_weight"] * logs["group_loss"]).sum()  # the objective on the global batch
+        return objective, logs
 
 
 def _register(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -316,9 +316,8 @@ class Trainer:
         return predict
 
     def validate(self, step: int) -> None:
+        m = self.pipeline.evaluate(self.predictor(self.student), "val")  # every rank: evaluation is sharded
         if self.main:
-            m = self.pipeline.evaluate(self.predictor(self.student), "val")
-            m.pop("timing", None)
             score = float(m["worst_group_metric"])
             rec = {"step": step, "worst_group_metric": score, "average_metric": float(m["average_metric"])}
             with open(self.run_dir / "eval_log.jsonl", "a") as fh:
@@ -375,19 +374,18 @@ class Trainer:
         return self.finish(step, train_seconds)
 
     def finish(self, step: int, train_seconds: float) -> dict[str, Any] | None:
-        if not self.main:
-            dist_utils.barrier()
-            return None
+        """Evaluate the last and the selected model (every rank, sharded); rank 0 writes metrics and report."""
         t0 = time.time()
         teacher_pred = self.predictor(self.teacher_model) if self.teacher_model is not None else None
-        last = {"step": step}
+        last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):
             last[split] = self.pipeline.evaluate(self.predictor(self.student), split)
             last[split].pop("timing", None)
-        best_ck = load_checkpoint(self.run_dir / "checkpoints" / "best.pt")
+        best_state = dist_utils.broadcast_object(
+            load_checkpoint(self.run_dir / "checkpoints" / "best.pt") if self.main else None)
         selected = copy.deepcopy(self.student)
-        selected.load_state_dict(best_ck["model"])
-        metrics: dict[str, Any] = {"selected_step": int(best_ck["step"]), "groups": self.cfg["groups"]}
+        selected.load_state_dict(best_state["model"])
+        metrics: dict[str, Any] = {"selected_step": int(best_state["step"]), "groups": self.cfg["groups"]}
         timing: dict[str, Any] = {"train_seconds": train_seconds}
         for split in ("val", "test"):
             m = self.pipeline.evaluate(self.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
@@ -395,15 +393,17 @@ class Trainer:
             metrics[split] = m
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0
-        info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
-                "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
-                "train_seconds": train_seconds, **{k: v for k, v in timing.get("test", {}).items()}}
-        atomic_write_json(self.run_dir / "timing.json", {**timing, "params": info["params"],
-                                                         "teacher_params": info["teacher_params"]})
-        self.pipeline.write_report(self.run_dir, metrics, info)
-        atomic_write_json(self.run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
-        log(f"done: selected step {metrics['selected_step']}, test worst-group {metrics['test']['worst_group_metric']:.4f}"
-            f", average {metrics['test']['average_metric']:.4f}; {self.run_dir}/metrics.json")
+        if self.main:
+            info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
+                    "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
+                    "train_seconds": train_seconds, **timing.get("test", {})}
+            atomic_write_json(self.run_dir / "timing.json", {**timing, "params": info["params"],
+                                                             "teacher_params": info["teacher_params"]})
+            self.pipeline.write_report(self.run_dir, metrics, info)
+            atomic_write_json(self.run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
+            log(f"done: selected step {metrics['selected_step']}, test worst-group "
+                f"{metrics['test']['worst_group_metric']:.4f}, average {metrics['test']['average_metric']:.4f}; "
+                f"{self.run_dir}/metrics.json")
         dist_utils.barrier()
         return metrics
 

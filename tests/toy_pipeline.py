@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from groupdistil.io import atomic_write_json
+from groupdistil.distributed import gather_objects, is_main, shard
+from groupdistil.io import atomic_write_json, atomic_write_text
 from groupdistil.pipeline import Pipeline
 
 
@@ -95,18 +96,24 @@ class ToyPipeline(Pipeline):
 
     def evaluate(self, predict, split, out_dir=None, teacher=None) -> dict[str, Any]:
         d = self.splits[split]
-        pred = predict(d["x"])["cls"].argmax(1).cpu()
+        mine = torch.tensor(list(shard(len(d["cls"]))), dtype=torch.long)
+        pred = predict(d["x"][mine])["cls"].argmax(1).cpu()
+        rows = gather_objects(list(zip(mine.tolist(), pred.tolist())))  # (case id, prediction) from every rank
+        order = torch.tensor([i for i, _ in rows])
+        assert sorted(order.tolist()) == list(range(len(d["cls"]))), "gathered evaluation is incomplete"
+        pred = torch.empty(len(d["cls"]), dtype=torch.long)
+        pred[order] = torch.tensor([p for _, p in rows])
         correct = (pred == d["cls"]).float()
         sums = torch.zeros(3).index_add_(0, d["group"], correct)
         acc = (sums / torch.bincount(d["group"], minlength=3).clamp_min(1)).tolist()
         out = {"group_metric": dict(zip(self.group_names, acc)), "worst_group_metric": min(acc),
                "average_metric": correct.mean().item()}
-        if out_dir is not None:
+        if out_dir is not None and is_main():
             atomic_write_json(Path(out_dir) / f"toy_{split}.json", out)
         return out
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-        (Path(run_dir) / "report.md").write_text(f"# toy\n{metrics['test']}\n")
+        atomic_write_text(Path(run_dir) / "report.md", f"# toy\n{metrics['test']}\n")
 
     @classmethod
     def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:

@@ -1,0 +1,29 @@
+"""Run the toy pipeline under torchrun (or one process) and save each rank's final group weights.
+
+Usage: torchrun --nproc_per_node=2 tests/ddp_toy_run.py OUT_DIR [TEACHER_DIR]
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(1)
+
+from groupdistil import distributed as du  # noqa: E402
+from groupdistil.config import ENGINE_DEFAULTS, deep_merge  # noqa: E402
+from groupdistil.methods import method_arg_defaults  # noqa: E402
+from groupdistil.trainer import Trainer  # noqa: E402
+from toy_pipeline import ToyPipeline  # noqa: E402
+
+out = Path(sys.argv[1])
+teacher = sys.argv[2] if len(sys.argv) > 2 else None
+cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **ToyPipeline.defaults})
+cfg = deep_merge(cfg, {"pipeline": "toy", "method": "groupdistil" if teacher else "erm", "model": {"width": 4},
+                       "method_args": {"eta": 0.5},
+                       "train": {"max_steps": 8, "batch_size": 32, "lr": 0.05, "momentum": 0.0, "eval_every": 4,
+                                 "checkpoint_every": 4, "log_every": 4, "device": "cpu"}})
+trainer = Trainer(cfg, ToyPipeline, out, out, teacher_path=teacher)
+metrics = trainer.run()
+torch.save({"q": trainer.method.weights.q if teacher else None, "metrics": metrics,
+            "world": du.world_size()}, out / f"rank{du.rank()}.pt")
