@@ -15,23 +15,35 @@ from typing import Any, Callable
 
 from .config import ENGINE_DEFAULTS, deep_merge, load_yaml, parse_set, validate
 from .errors import UserError
-from .pipeline import get_pipeline, pipeline_classes
+from .pipeline import Pipeline, get_pipeline, pipeline_classes
 
 
-def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load a run config, check it against the declared defaults, apply overrides, fill every default."""
+def config_schema(pipeline_cls: type[Pipeline]) -> dict[str, Any]:
+    """Every valid key of a run config of this pipeline, with its default."""
     from .methods import method_arg_defaults
 
+    return deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **pipeline_cls.defaults})
+
+
+def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                   pipeline_cls: type[Pipeline] | None = None, source: str = "command line") -> dict[str, Any]:
+    """Load a run config, check it against the declared defaults, apply overrides, fill every default.
+
+    ``pipeline_cls`` (tests, experiments) must match the config's ``pipeline``; by default it is looked up by name.
+    """
     user = load_yaml(path)
     name = user.get("pipeline")
     if not name:
         raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(sorted(pipeline_classes()))})")
-    pipeline_cls = get_pipeline(name)
-    schema = deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **pipeline_cls.defaults})
+    if pipeline_cls is None:
+        pipeline_cls = get_pipeline(name)
+    elif name != pipeline_cls.name:
+        raise UserError(f"{path}: pipeline '{name}' but this run uses '{pipeline_cls.name}'")
+    schema = config_schema(pipeline_cls)
     validate(user, schema, str(path))
     cfg = deep_merge(schema, user)
     if overrides:
-        validate(overrides, schema, "command line")
+        validate(overrides, schema, source)
         cfg = deep_merge(cfg, overrides)
     return cfg
 
@@ -93,7 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_extra_commands: list[Callable[[Any], None]] = []
+def _add_export(sub: Any) -> None:
+    from .export import add_parser
+
+    add_parser(sub)
+
+
+def _add_compare(sub: Any) -> None:
+    from .compare import add_parser
+
+    add_parser(sub)
+
+
+_extra_commands: list[Callable[[Any], None]] = [_add_compare, _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:

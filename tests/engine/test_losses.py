@@ -5,8 +5,14 @@ import torch
 from monai.losses import DiceLoss
 from torch.testing import assert_close
 
-from groupdistil.losses import (ClassificationLoss, SegmentationLoss, TaskLoss, kd_term, per_sample_ce,
-                                per_sample_dice)
+from groupdistil.losses import (
+    ClassificationLoss,
+    SegmentationLoss,
+    TaskLoss,
+    kd_term,
+    per_sample_ce,
+    per_sample_dice,
+)
 
 
 def kd_reference(zs, zt, tau):

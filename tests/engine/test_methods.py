@@ -1,11 +1,11 @@
 import pytest
 import torch
+from toy_pipeline import ToyNet, make_data
 
 from groupdistil.config import ENGINE_DEFAULTS
 from groupdistil.losses import TaskLoss
 from groupdistil.methods import METHODS, method_arg_defaults
 from groupdistil.teacher import Teacher
-from toy_pipeline import ToyNet, make_data
 
 
 def batch(n=16):

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from toy_pipeline import ToyPipeline
 
 from groupdistil.config import deep_merge
 from groupdistil.errors import UserError
 from groupdistil.trainer import Trainer
-from toy_pipeline import ToyPipeline
 
 
 def run(cfg, out, **kw):
