@@ -1,0 +1,415 @@
+"""M&Ms-1 report (``report.md`` + ``report.html``) and the example slices it shows.
+
+Inputs in the run folder besides ``metrics`` and ``info``:
+
+- ``per_case.csv`` (:func:`mms_pipeline.metrics.write_per_case_csv`, written by the final test evaluation): box
+  plots and per-phase tables;
+- ``examples.npz`` (:func:`save_examples`), layout, for ``n`` examples ``i = 0 .. n-1``:
+
+  ========================  ================  ==========================================================
+  key                       dtype, shape      content
+  ========================  ================  ==========================================================
+  ``image_{i}``             float32 (X, Y)    image slice (native geometry, slice ``slice[i]`` of (X, Y, Z))
+  ``gt_{i}``, ``pred_{i}``  uint8 (X, Y)      ground truth and predicted labels of that slice
+  ``caption``               str (n,)          one line describing the example
+  ``vendor``, ``kind``,     str (n,)          vendor, ``"best"`` or ``"worst"``, case name, phase
+  ``name``, ``phase``
+  ``dice``                  float64 (n,)      mean Dice (LV, MYO, RV) of the 3-D case
+  ``slice``                 int64 (n,)        index of the slice along z
+  ========================  ================  ==========================================================
+
+The data pipeline fills it with an :class:`ExampleCollector` during the test evaluation: per vendor it keeps the
+case with the best and the worst mean Dice, and of each the mid-ventricular slice with the most foreground.
+"""
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from groupdistil.io import atomic_path, atomic_write_bytes
+from groupdistil.report import fmt, fmt_mean_std, html_image, html_table, md_table, write_report_pair
+
+from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
+
+PER_CASE_FILE = "per_case.csv"
+EXAMPLES_FILE = "examples.npz"
+BOXPLOT_FILE = "report_dice_boxplot.png"
+EXAMPLES_PNG = "report_examples.png"
+_STR_FIELDS = ("caption", "vendor", "kind", "name", "phase")
+#: overlay colours of LV, MYO, RV
+_COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.5), (0.2, 0.8, 0.2, 0.5), (0.2, 0.4, 1.0, 0.5)])
+EMPTY_NOTE = (
+    f"Empty predictions are scored as in the challenge: a structure missing from the prediction (or from the ground "
+    f"truth) gets Dice = Jaccard = 0 and Hausdorff = HD95 = ASSD = {EMPTY_DISTANCE:g}; those -1 entries are excluded "
+    f"from the distance means and counted as 'excluded'. A structure absent from both gets Dice = 1 and distance 0."
+)
+
+
+# --- example slices -----------------------------------------------------------------------------------------------
+def example_slice(gt: np.ndarray, pred: np.ndarray) -> int:
+    """Index along z of the slice with the most ground-truth foreground within the middle third of the slices
+    that hold any (the prediction when the truth is empty; the middle slice when both are)."""
+    fg = np.count_nonzero(gt > 0, axis=(0, 1))
+    if not fg.any():
+        fg = np.count_nonzero(pred > 0, axis=(0, 1))
+    if not fg.any():
+        return gt.shape[2] // 2
+    idx = np.flatnonzero(fg)
+    lo, hi = int(idx[0]), int(idx[-1])
+    third = (hi - lo + 1) // 3
+    a, b = lo + third, hi - third
+    return a + int(np.argmax(fg[a:b + 1]))
+
+
+@dataclass
+class _Candidate:
+    dice: float
+    example: dict[str, Any]
+
+
+class ExampleCollector:
+    """Keeps, per vendor, the 3-D cases with the best and the worst mean Dice, as one 2-D slice each.
+
+    Call :meth:`add` for every evaluated volume (row: its per-case row; image, gt, pred: (X, Y, Z) arrays in
+    native geometry), then :meth:`examples` or :meth:`save`. Memory: two slices per vendor.
+    """
+
+    def __init__(self) -> None:
+        self._best: dict[str, _Candidate] = {}
+        self._worst: dict[str, _Candidate] = {}
+
+    def add(self, row: Mapping[str, Any], image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> None:
+        vendor, d = str(row["Vendor"]), mean_dice(row)
+        best, worst = self._best.get(vendor), self._worst.get(vendor)
+        if best is not None and worst is not None and worst.dice <= d <= best.dice:
+            return
+        z = example_slice(gt, pred)
+        ex = {"image": np.asarray(image[:, :, z], dtype=np.float32), "gt": np.asarray(gt[:, :, z], dtype=np.uint8),
+              "pred": np.asarray(pred[:, :, z], dtype=np.uint8), "vendor": vendor, "name": str(row.get("Name", "")),
+              "phase": str(row.get("ED/ES", "")), "dice": d, "slice": z}
+        if best is None or d > best.dice:
+            self._best[vendor] = _Candidate(d, ex)
+        if worst is None or d < worst.dice:
+            self._worst[vendor] = _Candidate(d, ex)
+
+    def examples(self) -> list[dict[str, Any]]:
+        """Best then worst example of each vendor (sorted); one example when a vendor has a single case."""
+        out = []
+        for vendor in sorted(self._best):
+            pairs = [("best", self._best[vendor])]
+            if self._worst[vendor].example is not self._best[vendor].example:
+                pairs.append(("worst", self._worst[vendor]))
+            for kind, cand in pairs:
+                ex = dict(cand.example, kind=kind)
+                case = ex["name"] if ex["name"].endswith(ex["phase"]) else f"{ex['name']} {ex['phase']}"
+                ex["caption"] = f"vendor {vendor}, {kind}: {case}, mean Dice {ex['dice']:.3f}, slice {ex['slice']}"
+                out.append(ex)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        save_examples(path, self.examples())
+
+
+def save_examples(path: str | Path, examples: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``examples`` (dicts with ``image``, ``gt``, ``pred`` 2-D arrays and ``caption``; optional ``vendor``,
+    ``kind``, ``name``, ``phase``, ``dice``, ``slice``) in the layout of the module docstring, atomically."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, ex in enumerate(examples):
+        if not (np.ndim(ex["image"]) == np.ndim(ex["gt"]) == np.ndim(ex["pred"]) == 2):
+            raise ValueError(f"example {i}: image, gt and pred must be 2-D slices")
+        arrays[f"image_{i}"] = np.asarray(ex["image"], dtype=np.float32)
+        arrays[f"gt_{i}"] = np.asarray(ex["gt"], dtype=np.uint8)
+        arrays[f"pred_{i}"] = np.asarray(ex["pred"], dtype=np.uint8)
+    for f in _STR_FIELDS:
+        arrays[f] = np.array([str(ex.get(f, "")) for ex in examples], dtype=np.str_)
+    arrays["dice"] = np.array([float(ex.get("dice", math.nan)) for ex in examples], dtype=np.float64)
+    arrays["slice"] = np.array([int(ex.get("slice", -1)) for ex in examples], dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_examples(path: str | Path) -> list[dict[str, Any]]:
+    """Inverse of :func:`save_examples`."""
+    with np.load(path, allow_pickle=False) as z:
+        n = len(z["caption"])
+        return [{"image": z[f"image_{i}"], "gt": z[f"gt_{i}"], "pred": z[f"pred_{i}"],
+                 **{f: str(z[f][i]) for f in _STR_FIELDS}, "dice": float(z["dice"][i]), "slice": int(z["slice"][i])}
+                for i in range(n)]
+
+
+# --- figures ------------------------------------------------------------------------------------------------------
+def _save_png(fig: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+    return path
+
+
+def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """One PNG: a panel per structure, a box of per-volume Dice per vendor (ED and ES side by side)."""
+    vendors = sorted({str(r["Vendor"]) for r in rows})
+    phases = sorted({str(r.get("ED/ES", "")) for r in rows})
+    fig = Figure(figsize=(4.2 * len(STRUCTURES), 3.6))
+    width = 0.8 / len(phases)
+    for k, s in enumerate(STRUCTURES):
+        ax = fig.add_subplot(1, len(STRUCTURES), k + 1)
+        for j, ph in enumerate(phases):
+            data = [[d for r in rows if str(r["Vendor"]) == v and str(r.get("ED/ES", "")) == ph
+                     and not math.isnan(d := float(r[f"Dice {s}"]))] for v in vendors]
+            pos = np.arange(len(vendors)) + (j - (len(phases) - 1) / 2) * width
+            keep = [i for i, d in enumerate(data) if d]
+            bp = ax.boxplot([data[i] for i in keep], positions=pos[keep], widths=width * 0.9, patch_artist=True)
+            for box in bp["boxes"]:
+                box.set_facecolor(f"C{j}")
+                box.set_alpha(0.6)
+            if ph:
+                ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=ph)
+        counts = [sum(str(r["Vendor"]) == v for r in rows) for v in vendors]
+        ax.set_xticks(np.arange(len(vendors)), [f"{v}\n(n={c})" for v, c in zip(vendors, counts)])
+        ax.set_title(f"Dice {s}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+        if k == 0 and any(phases):
+            ax.legend(loc="lower left", fontsize=8)
+    return _save_png(fig, path)
+
+
+def examples_figure(examples: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """One PNG: a row per example (its caption above), columns image, ground truth and prediction overlaid."""
+    fig = Figure(figsize=(9, 3.0 * len(examples)))
+    for ex, sub in zip(examples, fig.subfigures(len(examples), 1, squeeze=False)[:, 0]):
+        sub.suptitle(ex["caption"], fontsize=9)
+        img = np.asarray(ex["image"], dtype=np.float64).T
+        lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+        for ax, (title, lab) in zip(sub.subplots(1, 3), [("image", None), ("ground truth", ex["gt"]),
+                                                          ("prediction", ex["pred"])]):
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
+            if lab is not None:
+                ax.imshow(np.asarray(lab).T, cmap=_COLOURS, vmin=0, vmax=3, interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(title, fontsize=8)
+    return _save_png(fig, path)
+
+
+# --- page building: one list of blocks rendered to Markdown and HTML ----------------------------------------------
+#: ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", png, alt) | ("details", summary, blocks)
+Block = tuple[Any, ...]
+
+
+def _render(blocks: Sequence[Block], run_dir: Path) -> tuple[str, str]:
+    md, ht = [], []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h2":
+            md.append(f"## {b[1]}")
+            ht.append(f"<h2>{html.escape(b[1])}</h2>")
+        elif kind == "p":
+            md.append(b[1])
+            ht.append(f"<p>{html.escape(b[1])}</p>")
+        elif kind == "table":
+            md.append(md_table(b[1], b[2]))
+            ht.append(html_table(b[1], b[2]))
+        elif kind == "img":
+            md.append(f"![{b[2]}]({Path(b[1]).relative_to(run_dir).as_posix()})")
+            ht.append(html_image(b[1], alt=b[2]))
+        elif kind == "details":
+            inner_md, inner_ht = _render(b[2], run_dir)
+            md.append(f"**{b[1]}**\n\n{inner_md}")
+            ht.append(f"<details><summary>{html.escape(b[1])}</summary>{inner_ht}</details>")
+        else:
+            raise ValueError(f"unknown block kind '{kind}'")
+    return "\n\n".join(md), "\n".join(ht)
+
+
+# --- tables -------------------------------------------------------------------------------------------------------
+def _cell(group: Mapping[str, Any], metric: str, digits: int, show_excluded: bool = False) -> str:
+    """``mean ± std`` of ``metric`` in one group's statistics; signed errors add the mean absolute error."""
+    stats = group.get(metric)
+    if not stats or stats.get("mean") is None:
+        return "-"
+    text = fmt_mean_std(stats["mean"], stats.get("std"), digits)
+    if metric.endswith(" err") and group.get(_abs(metric), {}).get("mean") is not None:
+        text += f" (MAE {fmt(group[_abs(metric)]['mean'], digits)})"
+    return f"{text} ({stats['n_excluded']} excl.)" if show_excluded and stats.get("n_excluded") else text
+
+
+def _abs(metric: str) -> str:
+    """``"LV EF err"`` -> ``"LV EF abs err"`` (derived by :func:`mms_pipeline.metrics.summarise`)."""
+    return metric[: -len(" err")] + " abs err" if metric.endswith(" err") else metric
+
+
+def _groups(summary: Mapping[str, Any]) -> list[str]:
+    return [g for g in summary if g != "worst"]
+
+
+def _group_table(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]], group_label: str,
+                 extra: Mapping[str, Mapping[str, Any]] | None = None,
+                 show_excluded: bool = False) -> tuple[list[str], list[list[Any]]]:
+    """Rows ``group, n, mean ± std of each (header, metric, digits)``, then a row naming the worst group per column.
+
+    ``n``: most values (excluded ones included) of any shown metric. ``extra``: ``{header: {group: value}}``
+    columns of plain higher-is-better values (classification accuracy)."""
+    extra = extra or {}
+    headers = [group_label, "n", *[h for h, _, _ in columns], *extra]
+    worst = summary.get("worst", {})
+    rows: list[list[Any]] = []
+    for g in _groups(summary):
+        n = max((summary[g].get(m, {}).get("n", 0) + summary[g].get(m, {}).get("n_excluded", 0)
+                 for _, m, _ in columns), default=0)
+        rows.append([g, n, *[_cell(summary[g], m, d, show_excluded) for _, m, d in columns],
+                     *[fmt(vals.get(g)) for vals in extra.values()]])
+    worst_extra = [min(vals, key=lambda k: vals[k]) if vals else "-" for vals in extra.values()]
+    rows.append(["worst", "", *[worst.get(_abs(m), {}).get("group", "-") for _, m, _ in columns], *worst_extra])
+    return headers, rows
+
+
+def _dice_columns() -> list[tuple[str, str, int]]:
+    return [(f"Dice {s}", f"Dice {s}", 3) for s in STRUCTURES] + [("Dice mean", MEAN_DICE, 3)]
+
+
+def _distance_columns() -> list[tuple[str, str, int]]:
+    return [(f"{m} {s} (mm)", f"{m} {s}", 2) for m in ("Hausdorff", "ASSD") for s in STRUCTURES]
+
+
+def _clinical_columns() -> list[tuple[str, str, int]]:
+    unit = {"EF": "%", "mass": "g"}
+    return [(f"{idx} err ({unit.get(idx.split()[-1], 'ml')})", f"{idx} err", 1) for idx in CLINICAL_INDICES]
+
+
+def _cls_accuracy(ev: Mapping[str, Any]) -> dict[str, float]:
+    acc = ev.get("cls_acc_by_vendor")
+    if isinstance(acc, Mapping) and acc:
+        return {str(k): float(v) for k, v in acc.items() if v is not None}
+    by_vendor = ev.get("by_vendor", {})
+    return {g: by_vendor[g]["cls_correct"]["mean"] for g in _groups(by_vendor)
+            if by_vendor[g].get("cls_correct", {}).get("mean") is not None}
+
+
+def _present(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    groups = _groups(summary)
+    return [c for c in columns if any(summary[g].get(c[1], {}).get("n") for g in groups)]
+
+
+def _vendor_blocks(ev: Mapping[str, Any], title: str) -> list[Block]:
+    by_vendor = ev.get("by_vendor")
+    if not by_vendor:
+        return [("h2", title), ("p", "No per-vendor summary in metrics.json.")]
+    cls = _cls_accuracy(ev)
+    worst = by_vendor.get("worst", {}).get(MEAN_DICE, {})
+    blocks: list[Block] = [("h2", title)]
+    if worst:
+        blocks.append(("p", (f"Worst vendor by mean Dice: {worst['group']} ({fmt(worst['value'])}). "
+                             f"worst_group_metric = {fmt(ev.get('worst_group_metric'))}, "
+                             f"average_metric = {fmt(ev.get('average_metric'))}.")))
+    blocks.append(("table", *_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
+                                          extra={"cls accuracy": cls} if cls else None)))
+    if ev.get("worst_vendor_cls_acc") is not None:
+        blocks.append(("p", f"Worst-vendor classification accuracy: {fmt(ev.get('worst_vendor_cls_acc'))}."))
+    blocks.append(("table", *_group_table(by_vendor, _present(by_vendor, _distance_columns()), "Vendor",
+                                          show_excluded=True)))
+    clinical = _present(by_vendor, _clinical_columns())
+    if clinical:
+        blocks += [("p", ("Clinical indices: error = predicted - true, mean ± std (MAE: mean absolute error); "
+                          "the worst row names the vendor with the largest MAE.")),
+                   ("table", *_group_table(by_vendor, clinical, "Vendor"))]
+    return blocks
+
+
+def _phase_blocks(rows: Sequence[Mapping[str, Any]]) -> list[Block]:
+    phases = sorted({str(r.get("ED/ES", "")) for r in rows} - {""})
+    if not phases:
+        return []
+    summaries = {ph: summarise([r for r in rows if str(r.get("ED/ES")) == ph], "Vendor") for ph in phases}
+    vendors = sorted({v for s in summaries.values() for v in _groups(s)})
+    headers = ["Vendor", *[f"Dice {s} {ph}" for ph in phases for s in STRUCTURES]]
+    table = [[v, *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases for s in STRUCTURES]]
+             for v in vendors]
+    return [("h2", "Test: Dice per vendor and phase"), ("table", headers, table)]
+
+
+def _centre_blocks(ev: Mapping[str, Any]) -> list[Block]:
+    by_centre = ev.get("by_centre")
+    if not by_centre:
+        return []
+    cols = _present(by_centre, _dice_columns() + [(f"HD {s} (mm)", f"Hausdorff {s}", 2) for s in STRUCTURES])
+    return [("h2", "Test: per centre"),
+            ("details", "Dice and Hausdorff per centre", [("table", *_group_table(by_centre, cols, "Centre"))])]
+
+
+def _model_blocks(info: Mapping[str, Any]) -> list[Block]:
+    def params(v: Any) -> str:
+        return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+    rows = [["student", params(info.get("params")), fmt(info.get("infer_seconds_per_volume"), 4)]]
+    if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_volume") is not None:
+        rows.append(["teacher", params(info.get("teacher_params")),
+                     fmt(info.get("teacher_infer_seconds_per_volume"), 4)])
+    return [("h2", "Model size and speed"), ("table", ["model", "parameters", "inference s / volume"], rows)]
+
+
+def _selection_blocks(metrics: Mapping[str, Any]) -> list[Block]:
+    def evals(entry: Any) -> dict[str, Mapping[str, Any]]:
+        if not isinstance(entry, Mapping):
+            return {}
+        if "worst_group_metric" in entry:
+            return {"val": entry}
+        return {k: entry[k] for k in ("val", "test") if isinstance(entry.get(k), Mapping)}
+
+    checkpoints = {"selected": {k: metrics[k] for k in ("val", "test") if isinstance(metrics.get(k), Mapping)},
+                   "last": evals(metrics.get("last"))}
+    rows = [[name, *[fmt(ev.get(split, {}).get(key)) for split in ("val", "test")
+                     for key in ("worst_group_metric", "average_metric")]]
+            for name, ev in checkpoints.items() if ev]
+    headers = ["checkpoint", "val worst group", "val average", "test worst group", "test average"]
+    return [("h2", "Checkpoints"), ("p", f"Selected step: {fmt(metrics.get('selected_step'))}."),
+            ("table", headers, rows)]
+
+
+def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+    """Write ``report.md`` and ``report.html`` (plus the two PNGs they show) into ``run_dir``.
+
+    ``metrics``: the engine's metrics.json (``selected_step``, ``val``, ``test``, ``last``); each evaluation holds
+    ``by_vendor`` and ``by_centre`` (:func:`mms_pipeline.metrics.summarise`), ``worst_group_metric``,
+    ``average_metric``, ``cls_acc_by_vendor``, ``worst_vendor_cls_acc``; any may be missing. ``info``: ``method``,
+    ``seed``, ``train_seconds``, ``params``, ``teacher_params``, ``infer_seconds_per_volume``,
+    ``teacher_infer_seconds_per_volume``; any may be missing.
+    """
+    run_dir = Path(run_dir)
+    ev = metrics.get("test") or metrics.get("val") or {}
+    split = "Test" if metrics.get("test") else "Validation"
+    blocks: list[Block] = [("p", (f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
+                                  f"training time {fmt(info.get('train_seconds'), 0)} s."))]
+    blocks += _model_blocks(info)
+    blocks += _vendor_blocks(ev, f"{split}: per vendor")
+    teacher = ev.get("teacher")
+    if isinstance(teacher, Mapping) and teacher.get("by_vendor"):
+        blocks += [("h2", f"{split}: teacher per vendor"),
+                   ("table", *_group_table(teacher["by_vendor"], _present(teacher["by_vendor"], _dice_columns()),
+                                           "Vendor"))]
+    per_case = run_dir / PER_CASE_FILE
+    rows = read_per_case_csv(per_case) if per_case.exists() else []
+    if rows:
+        blocks += _phase_blocks(rows)
+        blocks += [("h2", "Dice per vendor"), ("img", dice_boxplot(rows, run_dir / BOXPLOT_FILE), "Dice box plots")]
+    else:
+        blocks += [("p", f"No {PER_CASE_FILE}: no box plots.")]
+    examples_path = run_dir / EXAMPLES_FILE
+    if examples_path.exists() and (examples := load_examples(examples_path)):
+        blocks += [("h2", "Examples: best and worst case per vendor"),
+                   ("p", "Mid-ventricular slice; LV red, MYO green, RV blue."),
+                   ("img", examples_figure(examples, run_dir / EXAMPLES_PNG), "example slices")]
+    blocks += _centre_blocks(ev)
+    blocks += _selection_blocks(metrics)
+    blocks += [("h2", "How empty predictions are scored"), ("p", EMPTY_NOTE)]
+    md, ht = _render(blocks, run_dir)
+    title = f"M&Ms-1 segmentation: {info.get('method', 'run')}"
+    write_report_pair(run_dir, title, md, ht)
