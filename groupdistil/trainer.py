@@ -182,6 +182,14 @@ class Trainer:
         seed_everything(cfg["seed"])
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
+        self.method_cls = _method_class(cfg["method"])
+        self.teacher_path = teacher_path
+        if self.method_cls.needs_teacher:
+            if not teacher_path:
+                raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
+                                f"configs/{pipeline_cls.name}_teacher.yaml)")
+            # load (and so check) the teacher before anything is written
+            self.teacher_cpu, _ = load_model_from_checkpoint(teacher_path, pipeline_cls)
         self.pipeline = pipeline_cls(cfg, data_root)
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
@@ -192,11 +200,6 @@ class Trainer:
                     f"by renormalisation")
         self.use_amp = self.device.type == "cuda" and self.t["amp"]
         self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext)
-        self.method_cls = _method_class(cfg["method"])
-        self.teacher_path = teacher_path
-        if self.method_cls.needs_teacher and not teacher_path:
-            raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
-                            f"configs/{self.pipeline.name}_teacher.yaml)")
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
                            "teacher": str(teacher_path) if teacher_path and self.method_cls.needs_teacher else None}
 
@@ -240,8 +243,7 @@ class Trainer:
         teacher = None
         self.teacher_model = None
         if self.method_cls.needs_teacher:
-            tm, _ = load_model_from_checkpoint(self.teacher_path, type(self.pipeline))
-            tm = tm.to(self.device)
+            tm = self.teacher_cpu.to(self.device)
             if self.device.type == "cuda" and self.t["channels_last"]:
                 tm = tm.to(memory_format=torch.channels_last)
             teacher = Teacher(tm, self.autocast)

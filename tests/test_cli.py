@@ -1,0 +1,151 @@
+"""The command line as a user meets it: the run contract, resume after SIGKILL, reproducibility, and the bad-input
+catalogue (non-zero exit, one line on stderr naming the file/row/key, no metrics.json or report)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from groupdistil.cli import main
+from waterbirds_pipeline.pipeline import WaterbirdsPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.arch=resnet18", "--set", "data.image_size=32", "--set", "train.batch_size=16",
+        "--set", "train.eval_every=10", "--set", "eval.batch_size=64", "--max-steps", "20"]
+
+
+@pytest.fixture(scope="module")
+def wb_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wb_cli") / "data"
+    WaterbirdsPipeline.synthesize(root, seed=0, scale=0.02, min_size=40, max_size=56)
+    return root
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "groupdistil", *args]
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def wb_teacher(wb_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wb_teacher") / "teacher"
+    assert main(["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(wb_root), "--out", str(out),
+                 *TINY]) == 0
+    return out
+
+
+def test_run_contract_and_eg_identity_via_cli(wb_root, wb_teacher, tmp_path):
+    out = tmp_path / "gd"
+    code = main(["run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out", str(out),
+                 "--teacher", str(wb_teacher), "--method", "groupdistil", "--seed", "3", *TINY])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for split in ("val", "test"):
+        assert 0.0 <= m[split]["worst_group_acc"] <= 1.0
+        assert set(m[split]["group_acc"]) == {"landbird_land", "landbird_water", "waterbird_land", "waterbird_water"}
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(len(r["group_weight"]) == 4 for r in rows)
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["seed"] == 3 and cfg["groups"][0] == "landbird_land" and cfg["method"] == "groupdistil"
+    assert (out / "report.html").exists() and (out / "predictions.csv").exists()
+
+
+def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_metrics(wb_root, wb_teacher, tmp_path):
+    args = ["run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--teacher", str(wb_teacher),
+            "--method", "groupdistil", *TINY, "--max-steps", "40", "--checkpoint-every", "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count for every run: same float sums
+    full = tmp_path / "full"
+    assert subprocess.run(cli(*args, "--out", str(full)), capture_output=True, env=env).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(*args, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = killed / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a checkpoint exists and training has gone past it
+        if (killed / "checkpoints" / "last.pt").exists() and log.exists() and len(log.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    r = subprocess.run(cli(*args, "--out", str(killed)), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((full / "metrics.json").read_text())
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, 41))
+    # a finished run is not retrained
+    r = subprocess.run(cli(*args, "--out", str(killed)), capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "already finished" in r.stderr
+
+
+def test_same_seed_gives_identical_metrics(wb_root, tmp_path, capsys):
+    for name in ("a", "b"):
+        assert main(["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(wb_root), "--out",
+                     str(tmp_path / name), *TINY, "--max-steps", "10"]) == 0
+    assert (tmp_path / "a" / "metrics.json").read_text() == (tmp_path / "b" / "metrics.json").read_text()
+
+
+def _bad(capsys, tmp_path, *args: str, match: str) -> None:
+    out = tmp_path / f"bad_run_{len(list(tmp_path.iterdir()))}"
+    code, err = run_main(capsys, "run", *args, "--out", str(out))
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and match in lines[-1], err
+    assert "Traceback" not in err
+    assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
+
+
+def test_bad_config_key_type_method_and_paths(wb_root, wb_teacher, tmp_path, capsys):
+    cfg = str(ROOT / "configs/waterbirds.yaml")
+    d = ["--data-root", str(wb_root)]
+    _bad(capsys, tmp_path, cfg, *d, "--set", "train.lrr=0.1", match="unknown config key 'train.lrr'")
+    _bad(capsys, tmp_path, cfg, *d, "--set", "train.max_steps=lots", match="'train.max_steps' must be of type int")
+    _bad(capsys, tmp_path, cfg, *d, "--method", "dro", match="unknown method 'dro'; valid: erm, groupdistil")
+    _bad(capsys, tmp_path, cfg, *d, "--method", "kd", match="--teacher")
+    _bad(capsys, tmp_path, cfg, "--data-root", str(tmp_path / "nowhere"), match="data root does not exist")
+    _bad(capsys, tmp_path, cfg, *d, "--teacher", str(tmp_path / "no_teacher"), match="not found")
+    _bad(capsys, tmp_path, str(tmp_path / "missing.yaml"), *d, match="config file not found")
+
+
+def test_teacher_of_wrong_architecture(wb_root, wb_teacher, tmp_path, capsys):
+    import torch
+
+    ck = torch.load(wb_teacher / "checkpoints" / "best.pt", weights_only=False)
+    ck["config"]["model"]["arch"] = "resnet50"
+    torch.save(ck, tmp_path / "wrong.pt")
+    _bad(capsys, tmp_path, str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--teacher",
+         str(tmp_path / "wrong.pt"), match="do not fit the architecture")
+    (tmp_path / "trunc.pt").write_bytes((wb_teacher / "checkpoints" / "best.pt").read_bytes()[:1000])
+    _bad(capsys, tmp_path, str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--teacher",
+         str(tmp_path / "trunc.pt"), match="unreadable checkpoint")
+
+
+def test_bad_metadata_via_cli(wb_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(wb_root, root)
+    meta = root / "metadata.csv"
+    lines = meta.read_text().splitlines()
+    meta.write_text("\n".join([lines[0].replace(",place,", ",plaice,")] + lines[1:]) + "\n")
+    _bad(capsys, tmp_path, str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(root),
+         match="metadata.csv")
+
+
+def test_debug_shows_traceback(wb_root, tmp_path):
+    r = subprocess.run(cli("run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out",
+                           str(tmp_path / "x"), "--method", "dro", "--debug"), capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
