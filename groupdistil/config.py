@@ -46,6 +46,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "log_every": 20,  # flush train_log.jsonl every N steps (one line per step)
         "balanced_sampling": False,  # sample groups uniformly (weights 1 / n_g)
         "num_workers": 0,
+        "num_threads": 0,  # torch CPU threads; 0 = torch's default (one per core). Fewer when cores are shared
         "device": "auto",  # auto | cpu | cuda
         "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
         "channels_last": True,  # on CUDA

@@ -179,6 +179,8 @@ class Trainer:
         self.ddp_device = dist_utils.init_from_env()
         self.device = self.ddp_device or pick_device(self.t["device"])
         self.main = dist_utils.is_main()
+        if self.t["num_threads"] > 0:
+            torch.set_num_threads(self.t["num_threads"])
         seed_everything(cfg["seed"])
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,332 @@
+"""Reading the M&Ms-1 release: metadata CSV, subject folders, 4-D NIfTI volumes, splits and groups.
+
+Layout as distributed (``root`` is the ``OpenDataset`` folder)::
+
+    <root>/<metadata CSV>
+    <root>/Training/Labeled/<code>/<code>_sa.nii.gz + <code>_sa_gt.nii.gz
+    <root>/Training/Unlabeled/<code>/<code>_sa.nii.gz      (no labels: never used for supervised training)
+    <root>/Validation/<code>/<code>_sa.nii.gz + <code>_sa_gt.nii.gz
+    <root>/Testing/<code>/<code>_sa.nii.gz + <code>_sa_gt.nii.gz
+
+Both files are 4-D ``(x, y, slice, time)``; only the ED and ES frames of the ``_gt`` file are annotated
+(0 background, 1 LV blood pool, 2 MYO, 3 RV).
+
+Metadata CSV: found in ``root`` under one of :data:`METADATA_CSV_NAMES` unless ``data.metadata_csv`` names it
+(relative to ``root`` or absolute). Columns are looked up by name; a leading unnamed index column is ignored.
+Required: :data:`REQUIRED_COLUMNS`. ``Pathology`` is optional (the older release lacks it and the other clinical
+columns): without it ``Subject.pathology`` is ``None``. ``ED``/``ES`` are 0-based indices into the time axis (never
+assume 0: Philips ED is often the last frames). Gaps in ``Height``/``Weight`` are fine (never read).
+
+Every CSV row must have a folder on disk and every folder a CSV row; each problem raises a one-line
+:class:`~groupdistil.errors.UserError` naming the subject and the file.
+
+Splits (``data.splits``):
+
+- ``null`` (default): as distributed: ``Training/Labeled`` = train, ``Validation`` = val, ``Testing`` = test.
+- a mapping ``{train: SEL, val: SEL | "holdout", test: SEL}`` where ``SEL`` is ``{vendors: [..], centres: [..]}``
+  (either or both; both = intersection) selecting from *all labelled* subjects (Training/Labeled, Validation,
+  Testing). ``val`` omitted or ``"holdout"``: a seeded (``data.split_seed``), per-group stratified fraction
+  ``data.val_fraction`` of the train selection. Example::
+
+      splits: {train: {vendors: [A, B]}, test: {vendors: [C, D]}}          # val = 20% of A+B held out
+
+  Selections must not overlap and none may be empty.
+
+Groups (``data.group_by``): ``vendor`` (``A``..``D``) or ``centre`` (``1``..``6``); the group names are those
+present in train, val or test, sorted, so a vendor that only appears in test (D) is still a group (its training
+count is 0).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+from monai.data import MetaTensor
+from monai.transforms import LoadImage
+
+from groupdistil.errors import UserError
+
+METADATA_CSV_NAMES = (
+    "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv",
+    "201014_M&Ms_Dataset_Information_-_opendataset.csv",
+)
+REQUIRED_COLUMNS = ("External code", "VendorName", "Vendor", "Centre", "ED", "ES")
+CLINICAL_COLUMNS = ("Age", "Pathology", "Sex", "Height", "Weight")
+ALL_COLUMNS = REQUIRED_COLUMNS + CLINICAL_COLUMNS
+VENDOR_NAMES = {"A": "Siemens", "B": "Philips", "C": "GE", "D": "Canon"}
+VENDOR_CENTRES = {"A": (1, 6), "B": (2, 3), "C": (4,), "D": (5,)}
+LABELS = {0: "background", 1: "LV", 2: "MYO", 3: "RV"}
+PHASES = ("ED", "ES")
+#: release folder -> split it holds as distributed
+RELEASE_FOLDERS = {
+    "Training/Labeled": "train",
+    "Training/Unlabeled": "unlabeled",
+    "Validation": "val",
+    "Testing": "test",
+}
+SPLITS = ("train", "val", "test")
+GROUP_BY = ("vendor", "centre")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject of the release. ``ed``/``es`` index the time axis; ``label`` is None for unlabelled ones."""
+
+    code: str
+    vendor: str
+    centre: int
+    ed: int
+    es: int
+    pathology: str | None
+    split: str
+    image: Path
+    label: Path | None
+
+    def frame(self, phase: str) -> int:
+        return self.ed if phase == "ED" else self.es
+
+    def group(self, group_by: str) -> str:
+        return self.vendor if group_by == "vendor" else str(self.centre)
+
+
+# --- metadata CSV --------------------------------------------------------------------------------------------
+def find_metadata_csv(root: Path, override: str | None = None) -> Path:
+    """The metadata CSV: ``override`` (relative to ``root`` or absolute), else a known name in ``root``."""
+    root = Path(root)
+    if override:
+        path = Path(override) if Path(override).is_absolute() else root / override
+        if not path.is_file():
+            raise UserError(f"data.metadata_csv: {path} does not exist")
+        return path
+    for name in METADATA_CSV_NAMES:
+        if (root / name).is_file():
+            return root / name
+    raise UserError(
+        f"{root}: no M&Ms metadata CSV found (expected one of {', '.join(METADATA_CSV_NAMES)}; "
+        "or set data.metadata_csv)"
+    )
+
+
+def _int_field(value: str, code: str, column: str, path: Path) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number) or number != int(number):
+        raise UserError(f"subject {code}: {path}: column '{column}' must be an integer, got '{value}'")
+    return int(number)
+
+
+def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of the metadata CSV by subject code: ``{code: {vendor, centre, ed, es, pathology}}``."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the metadata CSV ({exc})") from None
+    if not rows:
+        raise UserError(f"{path}: the metadata CSV is empty")
+    header = [name.strip() for name in rows[0]]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing required column(s) {', '.join(repr(c) for c in missing)}")
+    col = {name: header.index(name) for name in ALL_COLUMNS if name in header}
+    records: dict[str, dict[str, Any]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {name: (row[i].strip() if i < len(row) else "") for name, i in col.items()}
+        code = cells["External code"]
+        if not code:
+            raise UserError(f"{path}: line {line}: empty 'External code'")
+        if code in records:
+            raise UserError(f"subject {code}: {path}: listed twice")
+        vendor = cells["Vendor"]
+        if vendor not in VENDOR_NAMES:
+            raise UserError(
+                f"subject {code}: {path}: unknown vendor code '{vendor}' (valid: {', '.join(VENDOR_NAMES)})"
+            )
+        records[code] = {
+            "vendor": vendor,
+            "centre": _int_field(cells["Centre"], code, "Centre", path),
+            "ed": _int_field(cells["ED"], code, "ED", path),
+            "es": _int_field(cells["ES"], code, "ES", path),
+            "pathology": cells.get("Pathology") or None,
+        }
+    return records
+
+
+# --- release folders -----------------------------------------------------------------------------------------
+def scan_release(root: Path) -> dict[str, tuple[str, Path]]:
+    """Subject folders on disk: ``{code: (release split, folder)}``."""
+    root = Path(root)
+    found: dict[str, tuple[str, Path]] = {}
+    for rel, split in RELEASE_FOLDERS.items():
+        folder = root / rel
+        if not folder.is_dir():
+            continue
+        for sub in sorted(folder.iterdir()):
+            if not sub.is_dir() or sub.name.startswith("."):
+                continue
+            if sub.name in found:
+                raise UserError(f"subject {sub.name}: {sub}: also in {found[sub.name][1]}")
+            found[sub.name] = (split, sub)
+    if not found:
+        raise UserError(f"{root}: no subject folders under {', '.join(RELEASE_FOLDERS)}")
+    return found
+
+
+def _header_shape(path: Path, code: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in nib.load(path).shape)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise UserError(f"subject {code}: {path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+
+
+def _check_files(code: str, ed: int, es: int, image: Path, label: Path | None) -> None:
+    """Header-level checks: 4-D image, label of the same shape, ED/ES inside the time axis."""
+    shape = _header_shape(image, code)
+    if len(shape) != 4:
+        raise UserError(f"subject {code}: {image}: expected a 4-D (x, y, slice, time) volume, got shape {shape}")
+    for name, t in (("ED", ed), ("ES", es)):
+        if not 0 <= t < shape[3]:
+            raise UserError(
+                f"subject {code}: {image}: {name} frame {t} is outside the time axis (0..{shape[3] - 1})"
+            )
+    if label is not None:
+        label_shape = _header_shape(label, code)
+        if label_shape != shape:
+            raise UserError(f"subject {code}: {label}: label shape {label_shape} != image shape {shape}")
+
+
+def read_subjects(root: Path, metadata_csv: str | None = None) -> list[Subject]:
+    """All subjects of the release (unlabelled ones included), validated against the CSV, sorted by code."""
+    root = Path(root)
+    csv_path = find_metadata_csv(root, metadata_csv)
+    records = read_metadata(csv_path)
+    folders = scan_release(root)
+    for code, (_, folder) in folders.items():
+        if code not in records:
+            raise UserError(f"subject {code}: folder {folder} is not listed in {csv_path}")
+    subjects = []
+    for code, rec in sorted(records.items()):
+        if code not in folders:
+            raise UserError(f"subject {code}: listed in {csv_path} but no folder {code} under {root}")
+        split, folder = folders[code]
+        image = folder / f"{code}_sa.nii.gz"
+        label = folder / f"{code}_sa_gt.nii.gz"
+        if not image.is_file():
+            raise UserError(f"subject {code}: image {image} is missing")
+        if split == "unlabeled":
+            label = None
+        elif not label.is_file():
+            raise UserError(f"subject {code}: label {label} is missing")
+        _check_files(code, rec["ed"], rec["es"], image, label)
+        subjects.append(Subject(code=code, split=split, image=image, label=label, **rec))
+    return subjects
+
+
+def fingerprint(root: Path, metadata_csv: str | None = None) -> str:
+    """sha256 (16 hex) of the metadata CSV and the sorted relative names and sizes of all NIfTI files."""
+    root = Path(root)
+    digest = hashlib.sha256(find_metadata_csv(root, metadata_csv).read_bytes())
+    for rel in RELEASE_FOLDERS:
+        for path in sorted((root / rel).glob("*/*.nii.gz")):
+            digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# --- volumes -------------------------------------------------------------------------------------------------
+_LOADER = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+
+
+def _load_4d(path: Path, code: str) -> MetaTensor:
+    try:
+        vol = _LOADER(str(path))
+    except Exception as exc:  # truncated gzip, bad header, ... (MONAI wraps them in RuntimeError)
+        cause = exc.__cause__ or exc
+        raise UserError(f"subject {code}: {path}: unreadable or truncated NIfTI ({type(cause).__name__})") from None
+    return vol
+
+
+def load_volumes(subject: Subject) -> dict[str, MetaTensor]:
+    """The subject's 4-D volumes, time as channels: ``{"image": (T, X, Y, Z)[, "label": (T, X, Y, Z)]}``."""
+    out = {"image": _load_4d(subject.image, subject.code)}
+    if subject.label is not None:
+        label = _load_4d(subject.label, subject.code)
+        if label.shape != out["image"].shape:
+            raise UserError(
+                f"subject {subject.code}: {subject.label}: label shape {tuple(label.shape)} != image shape "
+                f"{tuple(out['image'].shape)}"
+            )
+        values = np.unique(label.numpy())
+        bad = values[~np.isin(values, list(LABELS))]
+        if bad.size:
+            raise UserError(
+                f"subject {subject.code}: {subject.label}: label values "
+                f"{', '.join(f'{v:g}' for v in bad[:5])} outside {{0, 1, 2, 3}}"
+            )
+        out["label"] = label
+    return out
+
+
+# --- splits and groups ---------------------------------------------------------------------------------------
+def _select(subjects: Sequence[Subject], sel: Mapping[str, Any], name: str) -> list[Subject]:
+    if not isinstance(sel, Mapping) or not sel or set(sel) - {"vendors", "centres"}:
+        raise UserError(f"data.splits.{name}: expected {{vendors: [..], centres: [..]}}, got {sel!r}")
+    vendors = {str(v) for v in sel.get("vendors", VENDOR_NAMES)}
+    unknown = vendors - set(VENDOR_NAMES)
+    if unknown:
+        raise UserError(f"data.splits.{name}: unknown vendor(s) {sorted(unknown)} (valid: {', '.join(VENDOR_NAMES)})")
+    centres = {int(c) for c in sel["centres"]} if "centres" in sel else None
+    return [s for s in subjects if s.vendor in vendors and (centres is None or s.centre in centres)]
+
+
+def _holdout(subjects: list[Subject], fraction: float, seed: int, group_by: str) -> set[str]:
+    """Codes of a seeded, per-group stratified ``fraction`` of ``subjects``."""
+    rng = np.random.default_rng(seed)
+    held: set[str] = set()
+    for group in sorted({s.group(group_by) for s in subjects}):
+        codes = sorted(s.code for s in subjects if s.group(group_by) == group)
+        n = int(round(fraction * len(codes)))
+        held.update(rng.permutation(codes)[:n].tolist())
+    return held
+
+
+def assign_splits(subjects: Sequence[Subject], spec: Mapping[str, Any] | None, val_fraction: float = 0.2,
+                  seed: int = 0, group_by: str = "vendor") -> dict[str, list[Subject]]:
+    """``{"train": [...], "val": [...], "test": [...]}`` by ``spec`` (see the module docstring)."""
+    if spec is None:
+        return {split: [s for s in subjects if s.split == split] for split in SPLITS}
+    if not isinstance(spec, Mapping) or set(spec) - set(SPLITS) or not {"train", "test"} <= set(spec):
+        raise UserError(f"data.splits: expected keys train, test and optionally val; got {spec!r}")
+    labelled = [s for s in subjects if s.label is not None]
+    chosen = {name: _select(labelled, spec[name], name) for name in ("train", "test")}
+    val_spec = spec.get("val", "holdout")
+    if val_spec == "holdout":
+        held = _holdout(chosen["train"], val_fraction, seed, group_by)
+        chosen["val"] = [s for s in chosen["train"] if s.code in held]
+        chosen["train"] = [s for s in chosen["train"] if s.code not in held]
+    else:
+        chosen["val"] = _select(labelled, val_spec, "val")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = {s.code for s in chosen[a]} & {s.code for s in chosen[b]}
+        if both:
+            raise UserError(f"data.splits: {a} and {b} overlap ({len(both)} subjects, e.g. {sorted(both)[0]})")
+    for name in SPLITS:
+        if not chosen[name]:
+            raise UserError(f"data.splits.{name}: selects no labelled subject")
+    return {name: [dataclasses.replace(s, split=name) for s in chosen[name]] for name in SPLITS}
+
+
+def group_names(splits: Mapping[str, Sequence[Subject]], group_by: str) -> list[str]:
+    """Sorted names of the groups present in any split (vendors A..D, or centres numerically)."""
+    names = {s.group(group_by) for subs in splits.values() for s in subs}
+    return sorted(names, key=lambda g: (len(g), g))

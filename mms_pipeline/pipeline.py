@@ -1,0 +1,443 @@
+"""The M&Ms-1 pipeline: LV / MYO / RV segmentation of 2-D short-axis slices (and optional pathology classification),
+with scanner vendors (or centres) as groups.
+
+Training samples are the 2-D slices of the ED and ES volumes of the training subjects, preprocessed once
+(:mod:`mms_pipeline.transforms`) and held in memory. Evaluation runs the 2-D model over whole preprocessed ED and
+ES volumes with MONAI's ``SliceInferer``, maps the class probabilities back to each input's native geometry with
+``Invertd``, takes the argmax and scores it there (:mod:`mms_pipeline.metrics`): per volume and phase, summarised
+per vendor and per centre. ``worst_group_metric`` is the lowest per-group mean (over structures and phases) Dice,
+``average_metric`` the mean Dice over all volumes (``eval.metric: accuracy``: the same for the per-subject
+classification accuracy, the mean over ED and ES slices with predicted foreground of the slices' softmax).
+
+Final evaluation files (``out_dir``): ``per_case.csv`` (test; ``per_case_val.csv`` for val) in the official column
+order plus HD95, clinical indices (on the ED row) and classification; predicted masks
+``predictions/<code>_sa_ED.nii.gz`` / ``_ES`` (``predictions_val/`` for val) in each input's shape and affine;
+``examples.npz`` (test: best and worst volume per vendor) for the report.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import torch
+import yaml
+from monai.data import MetaTensor
+from monai.inferers import SliceInferer
+from monai.transforms import Compose, Invertd
+from torch import nn
+
+from groupdistil.distributed import barrier, gather_objects, is_main, shard
+from groupdistil.errors import UserError
+from groupdistil.pipeline import Pipeline, Predictor
+
+from . import data, report
+from .geometry import save_prediction
+from .metrics import case_metrics, clinical_indices, mean_dice, read_per_case_csv, write_per_case_csv
+from .metrics import summarise as summarise_rows
+from .models import build_unet
+from .synth import synthesize as synthesize_release
+from .transforms import SliceDataset, augmentation, preprocess
+
+N_SEG = len(data.LABELS)
+OTHER = "other"
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "metadata_csv": None,  # path (relative to the data root or absolute); None: a known name in the root
+        "group_by": "vendor",  # vendor | centre
+        "splits": None,  # None: as distributed; or {train: SEL, val: SEL | holdout, test: SEL} (see data.py)
+        "val_fraction": 0.2,  # holdout fraction of the train selection when data.splits has no val selection
+        "split_seed": 0,
+        "spacing": [1.5, 1.5],  # in-plane working spacing, mm (slice spacing is kept)
+        "roi": [128, 128],  # in-plane working size (H, W), multiples of 32
+        "intensity_percentiles": [0.5, 99.5],  # per-volume clip, then scaled to [0, 1]
+        "augment": True,  # intensity-driven + mild affine augmentation of training slices
+        "flip": False,  # random flips as well (when augment)
+        "drop_empty": False,  # drop training slices without any labelled structure
+        "classes": ["NOR", "DCM", "HCM", OTHER],  # pathology classes of the cls head
+        "class_map": {},  # pathology code -> class, e.g. {HHD: HCM}; unlisted codes go to 'other' if it is a class
+    },
+    "model": {
+        "encoder": "tu-tf_mobilenetv3_small_minimal_100",  # any smp encoder name, e.g. resnet18
+        "decoder_channels": [32, 16, 16, 8, 8],
+        "pretrained": False,  # True needs downloadable weights: refused offline
+        "classify": True,  # add the pathology head ("cls")
+        "dropout": 0.2,  # dropout of the classification head
+    },
+    "eval": {
+        "metric": "dice",  # dice | accuracy: what worst_group_metric / average_metric measure
+        "sw_batch_size": 32,  # slices per forward pass at inference
+    },
+}
+
+
+@dataclass
+class PhaseCase:
+    """One evaluation volume: preprocessed image ``(1, H, W, Z)`` (with its invertible trace) and native truth."""
+
+    image: MetaTensor
+    gt: np.ndarray  # (X, Y, Z) uint8, native geometry
+
+
+@dataclass
+class SubjectCase:
+    subject: data.Subject
+    spacing: tuple[float, float, float]  # native voxel size (header zooms), mm
+    phases: dict[str, PhaseCase]
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise UserError(f"config key '{key}': {msg}")
+
+
+class MMSPipeline(Pipeline):
+    """M&Ms-1 as distributed (or :meth:`synthesize`'s synthetic copy); see the module docstrings for the details."""
+
+    name = "mms"
+    defaults = DEFAULTS
+
+    # --- config ---------------------------------------------------------------------------------------------------
+    def section(self, name: str) -> dict[str, Any]:
+        """A config section with the defaults filled in."""
+        return {**DEFAULTS[name], **(self.cfg.get(name) or {})}
+
+    @cached_property
+    def dcfg(self) -> dict[str, Any]:
+        d = self.section("data")
+        _check(d["group_by"] in data.GROUP_BY, "data.group_by", f"'{d['group_by']}' is not one of {data.GROUP_BY}")
+        roi = d["roi"]
+        _check(len(roi) == 2 and all(int(r) > 0 and int(r) % 32 == 0 for r in roi), "data.roi",
+               f"{roi} must be two positive multiples of 32")
+        _check(len(d["spacing"]) == 2 and all(float(s) > 0 for s in d["spacing"]), "data.spacing",
+               f"{d['spacing']} must be two positive numbers (mm)")
+        lo, hi = d["intensity_percentiles"]
+        _check(0 <= lo < hi <= 100, "data.intensity_percentiles", f"{[lo, hi]} must satisfy 0 <= lo < hi <= 100")
+        _check(0 < d["val_fraction"] < 1, "data.val_fraction", f"{d['val_fraction']} must be in (0, 1)")
+        classes = [str(c) for c in d["classes"]]
+        _check(len(classes) >= 2 and len({c.lower() for c in classes}) == len(classes), "data.classes",
+               f"{classes} must be at least two distinct names")
+        known = {c.lower() for c in classes}
+        bad = sorted(str(v) for v in (d["class_map"] or {}).values() if str(v).lower() not in known)
+        _check(not bad, "data.class_map", f"maps to {bad}, which are not in data.classes {classes}")
+        return d
+
+    @cached_property
+    def mcfg(self) -> dict[str, Any]:
+        return self.section("model")
+
+    @cached_property
+    def ecfg(self) -> dict[str, Any]:
+        e = self.section("eval")
+        _check(e["metric"] in ("dice", "accuracy"), "eval.metric", f"'{e['metric']}' is not one of dice, accuracy")
+        _check(e["metric"] == "dice" or self.mcfg["classify"], "eval.metric",
+               "accuracy needs the classification head (model.classify: true)")
+        return e
+
+    # --- data -----------------------------------------------------------------------------------------------------
+    @cached_property
+    def splits(self) -> dict[str, list[data.Subject]]:
+        """Subjects of train / val / test, validated (files, CSV, pathology classes when classifying)."""
+        d = self.dcfg
+        subjects = data.read_subjects(self.data_root, d["metadata_csv"])
+        splits = data.assign_splits(subjects, d["splits"], d["val_fraction"], d["split_seed"], d["group_by"])
+        for name, subs in splits.items():
+            if not subs:
+                raise UserError(f"{self.data_root}: the {name} split has no labelled subjects (see data.splits)")
+        if self.mcfg["classify"]:
+            for s in (s for subs in splits.values() for s in subs):
+                self.class_index(s)
+        return splits
+
+    def class_index(self, subject: data.Subject) -> int:
+        """Index in ``data.classes`` of the subject's pathology (``class_map`` first, then 'other')."""
+        classes = [str(c).lower() for c in self.dcfg["classes"]]
+        if subject.pathology is None:
+            raise UserError(f"subject {subject.code}: {self.csv_path} has no 'Pathology' (older release?); "
+                            "set model.classify: false")
+        cmap = {str(k).lower(): str(v).lower() for k, v in (self.dcfg["class_map"] or {}).items()}
+        name = cmap.get(subject.pathology.lower(), subject.pathology.lower())
+        if name not in classes:
+            name = OTHER
+        if name not in classes:
+            raise UserError(f"subject {subject.code}: {self.csv_path}: pathology '{subject.pathology}' is not in "
+                            f"data.classes {self.dcfg['classes']} and there is no '{OTHER}' class (see data.class_map)")
+        return classes.index(name)
+
+    @cached_property
+    def csv_path(self) -> Path:
+        return data.find_metadata_csv(self.data_root, self.dcfg["metadata_csv"])
+
+    @cached_property
+    def group_names(self) -> list[str]:
+        return data.group_names(self.splits, self.dcfg["group_by"])
+
+    def group_index(self, subject: data.Subject) -> int:
+        return self.group_names.index(subject.group(self.dcfg["group_by"]))
+
+    @cached_property
+    def preprocessor(self) -> Compose:
+        d = self.dcfg
+        return preprocess(d["spacing"], d["roi"], d["intensity_percentiles"])
+
+    @cached_property
+    def _train_set(self) -> SliceDataset:
+        xs, segs, groups, classes = [], [], [], []
+        for subject in self.splits["train"]:
+            vols = data.load_volumes(subject)
+            for phase in data.PHASES:
+                out = self.preprocessor({**vols, "frame": subject.frame(phase)})
+                x = out["image"].as_tensor().permute(3, 0, 1, 2)  # (1, H, W, Z) -> (Z, 1, H, W)
+                seg = out["label"].as_tensor().permute(3, 0, 1, 2).round().to(torch.uint8)
+                if self.dcfg["drop_empty"]:
+                    keep = (seg > 0).flatten(1).any(1)
+                    x, seg = x[keep], seg[keep]
+                xs.append(x.float())
+                segs.append(seg)
+                groups += [self.group_index(subject)] * len(x)
+                if self.mcfg["classify"]:
+                    classes += [self.class_index(subject)] * len(x)
+        return SliceDataset(
+            torch.cat(xs), torch.cat(segs), torch.tensor(groups, dtype=torch.long),
+            torch.tensor(classes, dtype=torch.long) if self.mcfg["classify"] else None,
+            augmentation(self.dcfg["flip"]) if self.dcfg["augment"] else None,
+        )
+
+    @property
+    def train_group_counts(self) -> list[int]:
+        return torch.bincount(self._train_set.group, minlength=len(self.group_names)).tolist()
+
+    def train_dataset(self) -> SliceDataset:
+        return self._train_set
+
+    def train_groups(self) -> torch.Tensor:
+        return self._train_set.group.clone()
+
+    def train_is_random(self) -> bool:
+        return bool(self.dcfg["augment"])
+
+    def fingerprint(self) -> str:
+        return data.fingerprint(self.data_root, self.dcfg["metadata_csv"])
+
+    # --- models ---------------------------------------------------------------------------------------------------
+    @property
+    def heads(self) -> dict[str, int]:
+        return self.heads_for(self.mcfg)
+
+    def heads_for(self, model_cfg: dict[str, Any]) -> dict[str, int]:
+        classify = {**DEFAULTS["model"], **model_cfg}["classify"]
+        return {"seg": N_SEG, "cls": len(self.dcfg["classes"])} if classify else {"seg": N_SEG}
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        m = {**DEFAULTS["model"], **model_cfg}
+        return build_unet(m["encoder"], m["decoder_channels"], self.heads_for(m), in_channels=1,
+                          dropout=m["dropout"], pretrained=m["pretrained"])
+
+    @classmethod
+    def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        d = {**DEFAULTS["data"], **(cfg.get("data") or {})}
+        return {
+            "input": "one short-axis slice, float (1, H, W), of the ED or ES frame (metadata CSV indices)",
+            "spacing_mm": list(d["spacing"]), "roi": list(d["roi"]),
+            "resampling": "in-plane only (MONAI Spacingd, pixdim (sx, sy, -1)), bilinear; then centre crop/pad",
+            "intensity": f"per volume: clip to percentiles {list(d['intensity_percentiles'])}, scale to [0, 1]",
+            "outputs": {"seg": dict(data.LABELS), "cls": list(d["classes"])},
+        }
+
+    # --- evaluation -----------------------------------------------------------------------------------------------
+    def load_case(self, subject: data.Subject) -> SubjectCase:
+        vols = data.load_volumes(subject)
+        zooms = nib.load(subject.image).header.get_zooms()[:3]
+        phases = {}
+        for phase in data.PHASES:
+            t = subject.frame(phase)
+            image = self.preprocessor({"image": vols["image"], "frame": t})["image"]
+            phases[phase] = PhaseCase(image=image, gt=vols["label"][t].numpy().round().astype(np.uint8))
+        return SubjectCase(subject, tuple(float(z) for z in zooms), phases)
+
+    @cached_property
+    def _cases(self) -> dict[str, dict[int, SubjectCase]]:
+        return {"val": {}, "test": {}}
+
+    def case(self, split: str, i: int) -> SubjectCase:
+        """The ``i``-th subject of ``split``, preprocessed once and kept (each rank keeps only its shard)."""
+        cache = self._cases[split]
+        if i not in cache:
+            cache[i] = self.load_case(self.splits[split][i])
+        return cache[i]
+
+    @cached_property
+    def inferer(self) -> SliceInferer:
+        return SliceInferer(roi_size=tuple(int(r) for r in self.dcfg["roi"]), sw_batch_size=self.ecfg["sw_batch_size"],
+                            spatial_dim=2, progress=False)
+
+    @cached_property
+    def inverter(self) -> Invertd:
+        return Invertd(keys="pred", transform=self.preprocessor, orig_keys="image", nearest_interp=False)
+
+    @torch.inference_mode()
+    def predict_volume(self, predict: Predictor, image: MetaTensor) -> tuple[np.ndarray, torch.Tensor | None, float]:
+        """Native-geometry labels ``(X, Y, Z)``, per-slice class probabilities ``(Z_fg, K)`` of the slices with
+        predicted foreground (all slices when none), and the inference seconds, of one preprocessed volume."""
+        start = time.perf_counter()
+        out = self.inferer(image.as_tensor()[None], _spatial_outputs(predict))
+        seconds = time.perf_counter() - start
+        probs = torch.softmax(out["seg"][0].float().cpu(), dim=0)  # (C, H, W, Z)
+        native = self.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
+        labels = native.argmax(0).numpy().astype(np.uint8)
+        cls = None
+        if "cls" in out:
+            per_slice = torch.softmax(out["cls"][0, :, 0, 0, :].float().cpu(), dim=0).T  # (Z, K)
+            fg = probs.argmax(0).flatten(0, 1).any(0)  # (Z,)
+            cls = per_slice[fg] if fg.any() else per_slice
+        return labels, cls, seconds
+
+    def evaluate_subject(self, predict: Predictor, case: SubjectCase, pred_dir: Path | None) -> dict[str, Any]:
+        """Per-phase rows (official columns + extras) and the inference time; when ``pred_dir`` is given the
+        predictions are written there as ``<code>_sa_ED.nii.gz`` / ``_ES`` in the input's geometry."""
+        s = case.subject
+        rows, preds, cls_probs, seconds = [], {}, [], 0.0
+        for phase, pc in case.phases.items():
+            pred, cls, sec = self.predict_volume(predict, pc.image)
+            seconds += sec
+            preds[phase] = pred
+            rows.append({"Name": s.code, "ED/ES": phase, "Vendor": s.vendor, "Centre": s.centre,
+                         **case_metrics(pred, pc.gt, case.spacing)})
+            if cls is not None:
+                cls_probs.append(cls)
+            if pred_dir is not None:
+                img = nib.load(s.image)
+                save_prediction(pred_dir / f"{s.code}_sa_{phase}.nii.gz", pred, img.affine, img.header)
+        ed, es = case.phases["ED"], case.phases["ES"]
+        rows[0].update(clinical_indices(preds["ED"], preds["ES"], ed.gt, es.gt, case.spacing, case.spacing))
+        if cls_probs:
+            predicted = int(torch.cat(cls_probs).mean(0).argmax())
+            truth = self.class_index(s)
+            rows[0].update({"cls_correct": float(predicted == truth), "Pathology": s.pathology,
+                            "cls_pred": self.dcfg["classes"][predicted]})
+        return {"rows": rows, "seconds": seconds / len(case.phases)}
+
+    def run_split(self, predict: Predictor, split: str,
+                  pred_dir: Path | None) -> tuple[list[dict[str, Any]], float]:
+        """Rows of every volume of ``split`` (sharded over ranks, gathered) and mean inference seconds per volume."""
+        subjects = self.splits[split]
+        mine = [(i, self.evaluate_subject(predict, self.case(split, i), pred_dir)) for i in shard(len(subjects))]
+        results = sorted(gather_objects(mine), key=lambda r: r[0])
+        rows = [row for _, r in results for row in r["rows"]]
+        return rows, float(np.mean([r["seconds"] for _, r in results]))
+
+    def summarise(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """The metrics of one model on one split (JSON-able)."""
+        key = "Vendor" if self.dcfg["group_by"] == "vendor" else "Centre"
+        per_subject = [r for r in rows if "cls_correct" in r]
+        dice_by_group = _group_means(rows, key, mean_dice)
+        out: dict[str, Any] = {
+            "metric": self.ecfg["metric"],
+            "dice_by_group": dice_by_group,
+            "by_vendor": summarise_rows(rows, "Vendor"),
+            "by_centre": summarise_rows(rows, "Centre"),
+            "n_volumes": len(rows),
+        }
+        if per_subject:
+            acc_by_group = _group_means(per_subject, key, lambda r: r["cls_correct"])
+            acc_by_vendor = _group_means(per_subject, "Vendor", lambda r: r["cls_correct"])
+            out.update({"cls_acc": float(np.mean([r["cls_correct"] for r in per_subject])),
+                        "cls_acc_by_group": acc_by_group, "cls_acc_by_vendor": acc_by_vendor,
+                        "worst_vendor_cls_acc": min(acc_by_vendor.values())})
+        if self.ecfg["metric"] == "accuracy":
+            group_metric, average = out["cls_acc_by_group"], out["cls_acc"]
+        else:
+            group_metric, average = dice_by_group, float(np.mean([mean_dice(r) for r in rows]))
+        worst = min(group_metric, key=group_metric.get)
+        return {"worst_group_metric": group_metric[worst], "worst_group": worst, "average_metric": average,
+                "group_metric": group_metric, **out}
+
+    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
+                 teacher: Predictor | None = None) -> dict[str, Any]:
+        if split not in ("val", "test"):
+            raise UserError(f"unknown split '{split}'; valid: val, test")
+        pred_dir = None if out_dir is None else prediction_dir(Path(out_dir), split)
+        rows, seconds = self.run_split(predict, split, pred_dir)
+        result = self.summarise(rows)
+        timing = {"infer_seconds_per_volume": seconds}
+        if teacher is not None:
+            teacher_rows, teacher_seconds = self.run_split(teacher, split, None)
+            result["teacher"] = self.summarise(teacher_rows)
+            timing["teacher_infer_seconds_per_volume"] = teacher_seconds
+        if out_dir is not None:
+            barrier()  # every rank has written its predictions
+            if is_main():
+                name = report.PER_CASE_FILE if split == "test" else f"per_case_{split}.csv"
+                write_per_case_csv(Path(out_dir) / name, rows)
+                if split == "test":
+                    self.save_examples(rows, Path(out_dir))
+        result["timing"] = timing
+        return result
+
+    def save_examples(self, rows: list[dict[str, Any]], out_dir: Path) -> None:
+        """Best and worst volume per vendor as ``out_dir/examples.npz`` (from the written predictions)."""
+        chosen: dict[tuple[str, str], dict[str, Any]] = {}
+        for vendor in sorted({r["Vendor"] for r in rows}):
+            mine = [r for r in rows if r["Vendor"] == vendor]
+            for r in (max(mine, key=mean_dice), min(mine, key=mean_dice)):
+                chosen[(r["Name"], r["ED/ES"])] = r
+        by_code = {s.code: s for s in self.splits["test"]}
+        collector = report.ExampleCollector()
+        for (code, phase), row in chosen.items():
+            subject = by_code[code]
+            vols = data.load_volumes(subject)
+            t = subject.frame(phase)
+            pred = np.asarray(nib.load(prediction_dir(out_dir, "test") / f"{code}_sa_{phase}.nii.gz").dataobj)
+            collector.add(row, vols["image"][t].numpy(), vols["label"][t].numpy().round().astype(np.uint8), pred)
+        collector.save(out_dir / report.EXAMPLES_FILE)
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """``("<code> <ED|ES>", group, mean Dice)`` of each test volume, from ``per_case.csv``."""
+        path = Path(run_dir) / report.PER_CASE_FILE
+        if not path.exists():
+            return None
+        group_by = DEFAULTS["data"]["group_by"]
+        cfg_path = Path(run_dir) / "config.yaml"
+        if cfg_path.exists():
+            group_by = ((yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}).get("group_by", group_by)
+        key = "Vendor" if group_by == "vendor" else "Centre"
+        return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r))
+                for r in read_per_case_csv(path)]
+
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+        report.write_mms_report(run_dir, metrics, info)
+
+    # --- synthetic data -------------------------------------------------------------------------------------------
+    @classmethod
+    def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
+        synthesize_release(out, seed, **options)
+
+
+def prediction_dir(out_dir: Path, split: str) -> Path:
+    """Where the final evaluation writes the predicted masks: ``predictions/`` (test), ``predictions_val/``."""
+    return out_dir / ("predictions" if split == "test" else f"predictions_{split}")
+
+
+def _spatial_outputs(predict: Predictor) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """Wrap a predictor for ``SliceInferer``: ``cls`` logits ``(B, K)`` are broadcast to ``(B, K, H, W)`` so the
+    sliding-window machinery carries them (one window per slice: the value comes back unchanged)."""
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = predict(x)
+        h, w = x.shape[-2:]
+        return {k: v[:, :, None, None].expand(-1, -1, h, w).contiguous() if v.ndim == 2 else v
+                for k, v in out.items()}
+
+    return run
+
+
+def _group_means(rows: list[dict[str, Any]], key: str, value: Callable[[dict[str, Any]], float]) -> dict[str, float]:
+    """``{str(row[key]): mean of value(row)}``, groups sorted as group names are."""
+    groups = sorted({str(r[key]) for r in rows}, key=lambda g: (len(g), g))
+    return {g: float(np.mean([value(r) for r in rows if str(r[key]) == g])) for g in groups}

@@ -1,0 +1,343 @@
+"""Reading M&Ms-1: CSV quirks, validation errors (each names the subject and the file), frames, splits, groups, the
+training set's keys, models and whole-volume inference."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import Any, Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from groupdistil.errors import UserError
+from mms_pipeline.data import (
+    METADATA_CSV_NAMES,
+    REQUIRED_COLUMNS,
+    assign_splits,
+    load_volumes,
+    read_metadata,
+    read_subjects,
+)
+from mms_pipeline.pipeline import MMSPipeline
+
+REAL_HEADER = ",External code,VendorName,Vendor,Centre,ED,ES,Age,Pathology,Sex,Height,Weight\n"
+
+
+def _subject(root: Path, vendor: str, split: str = "train"):
+    return next(s for s in read_subjects(root) if s.vendor == vendor and s.split == split)
+
+
+def _rewrite_nifti(path: Path, edit: Callable[[np.ndarray], np.ndarray]) -> None:
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(edit(np.asarray(img.dataobj)), img.affine, img.header), path)
+
+
+# --- metadata CSV ---------------------------------------------------------------------------------------------
+def test_csv_columns_by_name_with_index_column_reordering_and_gaps(tmp_path: Path) -> None:
+    path = tmp_path / METADATA_CSV_NAMES[0]
+    path.write_text(",Pathology,ES,External code,Centre,ED,Vendor,VendorName,Height,Weight,Age,Sex\n"
+                    "0,DCM,9,A0S9V9,1,0,A,Siemens,,81.0,55,M\n"
+                    "1,NOR,10,B1C2D3,2,29,B,Philips,172.0,,40,F\n")
+    rec = read_metadata(path)
+    assert rec["A0S9V9"] == {"vendor": "A", "centre": 1, "ed": 0, "es": 9, "pathology": "DCM"}
+    assert rec["B1C2D3"] == {"vendor": "B", "centre": 2, "ed": 29, "es": 10, "pathology": "NOR"}
+
+
+def test_old_six_column_csv_has_no_pathology(tmp_path: Path) -> None:
+    path = tmp_path / METADATA_CSV_NAMES[1]
+    path.write_text("\ufeff,External code,VendorName,Vendor,Centre,ED,ES\n0,A0S9V9,Siemens,A,1,0,9\n")
+    assert read_metadata(path)["A0S9V9"]["pathology"] is None
+
+
+@pytest.mark.parametrize(("row", "match"), [
+    ("0,A0S9V9,Siemens,E,1,0,9,55,NOR,M,,", r"subject A0S9V9: .*unknown vendor code 'E'"),
+    ("0,A0S9V9,Siemens,A,1,zero,9,55,NOR,M,,", r"subject A0S9V9: .*'ED' must be an integer, got 'zero'"),
+    ("0,A0S9V9,Siemens,A,1,0,9.5,55,NOR,M,,", r"subject A0S9V9: .*'ES' must be an integer, got '9.5'"),
+    ("0,A0S9V9,Siemens,A,1,,9,55,NOR,M,,", r"subject A0S9V9: .*'ED' must be an integer"),
+])
+def test_bad_csv_values_name_subject_and_file(tmp_path: Path, row: str, match: str) -> None:
+    path = tmp_path / METADATA_CSV_NAMES[0]
+    path.write_text(REAL_HEADER + row + "\n")
+    with pytest.raises(UserError, match=match) as err:
+        read_metadata(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("column", REQUIRED_COLUMNS)
+def test_missing_required_column_names_csv_and_column(tmp_path: Path, column: str) -> None:
+    path = tmp_path / METADATA_CSV_NAMES[0]
+    header = REAL_HEADER.strip().split(",")
+    keep = [i for i, c in enumerate(header) if c != column]
+    row = ["0", "A0S9V9", "Siemens", "A", "1", "0", "9", "55", "NOR", "M", "", ""]
+    path.write_text(",".join(header[i] for i in keep) + "\n" + ",".join(row[i] for i in keep) + "\n")
+    with pytest.raises(UserError, match=f"{path}: missing required column.*'{column}'"):
+        read_metadata(path)
+
+
+def test_metadata_csv_config_entry_and_missing_csv(broken_copy, mms_root: Path) -> None:
+    root = broken_copy()
+    moved = root / "meta.csv"
+    (root / METADATA_CSV_NAMES[0]).rename(moved)
+    with pytest.raises(UserError, match="no M&Ms metadata CSV found"):
+        read_subjects(root)
+    n = len(read_subjects(mms_root))
+    assert len(read_subjects(root, "meta.csv")) == len(read_subjects(root, str(moved))) == n
+    with pytest.raises(UserError, match="data.metadata_csv: .*nope.csv does not exist"):
+        read_subjects(root, "nope.csv")
+
+
+# --- release validation: every error names the subject and the file ---------------------------------------------
+def _breaks() -> dict[str, tuple[Callable[[Path, Any], str], str]]:
+    """name -> (break the copy and return the subject code, expected message)."""
+
+    def missing_folder(root: Path, csv) -> str:
+        s = _subject(root, "A")
+        for p in s.image.parent.iterdir():
+            p.unlink()
+        s.image.parent.rmdir()
+        return s.code
+
+    def extra_folder(root: Path, csv) -> str:
+        s = _subject(root, "A")
+        (root / "Validation" / "ZZ9ZZ9").mkdir()
+        (root / "Validation" / "ZZ9ZZ9" / "ZZ9ZZ9_sa.nii.gz").write_bytes(s.image.read_bytes())
+        return "ZZ9ZZ9"
+
+    def frame_outside(root: Path, csv) -> str:
+        s = _subject(root, "B")
+        csv(root).set(s.code, "ES", "7")
+        return s.code
+
+    def shape_mismatch(root: Path, csv) -> str:
+        s = _subject(root, "A")
+        _rewrite_nifti(s.label, lambda a: a[:-2])
+        return s.code
+
+    def garbage(root: Path, csv) -> str:
+        s = _subject(root, "B", "val")
+        s.image.write_bytes(b"not a nifti file at all" * 10)
+        return s.code
+
+    def missing_label(root: Path, csv) -> str:
+        s = _subject(root, "A", "test")
+        s.label.unlink()
+        return s.code
+
+    return {
+        "in CSV, not on disk": (missing_folder, r"listed in .*\.csv but no folder"),
+        "on disk, not in CSV": (extra_folder, r"ZZ9ZZ9_sa.nii.gz|folder .*ZZ9ZZ9 is not listed in .*\.csv"),
+        "frame outside time axis": (frame_outside, r"_sa.nii.gz: ES frame 7 is outside the time axis \(0..3\)"),
+        "shape mismatch": (shape_mismatch, r"_sa_gt.nii.gz: label shape .* != image shape"),
+        "unreadable NIfTI": (garbage, r"_sa.nii.gz: unreadable NIfTI"),
+        "missing label file": (missing_label, r"label .*_sa_gt.nii.gz is missing"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_breaks()))
+def test_broken_release_raises_user_error(case: str, broken_copy, metadata_csv) -> None:
+    root = broken_copy()
+    make, match = _breaks()[case]
+    code = make(root, metadata_csv)
+    with pytest.raises(UserError, match=match) as err:
+        read_subjects(root)
+    assert str(err.value).startswith(f"subject {code}:") and str(root) in str(err.value)
+
+
+def test_label_values_outside_range(broken_copy) -> None:
+    root = broken_copy()
+    s = _subject(root, "A")
+
+    def poke(a: np.ndarray) -> np.ndarray:
+        a = a.copy()
+        a[0, 0, 0, s.ed] = 7
+        return a
+
+    _rewrite_nifti(s.label, poke)
+    with pytest.raises(UserError, match=rf"subject {s.code}: .*{s.code}_sa_gt.nii.gz: label values 7 outside"):
+        load_volumes(s)
+
+
+def test_truncated_nifti(broken_copy) -> None:
+    root = broken_copy()
+    s = _subject(root, "B")
+    raw = gzip.decompress(s.image.read_bytes())
+    s.image.write_bytes(gzip.compress(raw[: len(raw) // 2])[:-8])  # half the voxels, gzip trailer cut
+    subjects = read_subjects(root)  # the header is intact: caught when the voxels are read
+    with pytest.raises(UserError, match=rf"subject {s.code}: .*{s.code}_sa.nii.gz: unreadable or truncated"):
+        load_volumes(next(x for x in subjects if x.code == s.code))
+
+
+# --- frames, splits and groups -------------------------------------------------------------------------------------
+def test_frames_follow_the_csv_indices(mms_root: Path, mms_pipeline: MMSPipeline) -> None:
+    s = _subject(mms_root, "B")
+    assert s.ed != 0  # Philips: ED at the end of the time axis
+    raw = np.asarray(nib.load(s.label).dataobj)
+    vols = load_volumes(s)
+    assert vols["image"].shape[0] == raw.shape[3]  # time as channels
+    for phase in ("ED", "ES"):
+        out = mms_pipeline.preprocessor({**vols, "frame": s.frame(phase)})
+        assert tuple(out["image"].shape) == (1, 64, 64, raw.shape[2])
+        got = np.count_nonzero(out["label"].numpy() == 1) * 4.0  # 2 mm working pixels
+        sx, sy = nib.load(s.label).header.get_zooms()[:2]
+        want = np.count_nonzero(raw[..., s.frame(phase)] == 1) * sx * sy
+        assert got == pytest.approx(want, rel=0.15)
+
+
+def test_splits_as_distributed_and_group_counts(mms_pipeline: MMSPipeline) -> None:
+    splits = mms_pipeline.splits
+    assert {s.vendor for s in splits["train"]} == {"A", "B"}
+    assert all(s.label is not None for sub in splits.values() for s in sub)  # unlabelled C never used
+    assert mms_pipeline.group_names == ["A", "B", "C", "D"]  # C, D: val/test only, still groups
+    counts = mms_pipeline.train_group_counts
+    slices = {v: sum(nib.load(s.image).shape[2] * 2 for s in splits["train"] if s.vendor == v) for v in "AB"}
+    assert counts == [slices["A"], slices["B"], 0, 0]
+    assert torch.bincount(mms_pipeline.train_groups(), minlength=4).tolist() == counts
+    assert len(mms_pipeline.train_dataset()) == sum(counts)
+
+
+def test_group_by_centre(mms_root: Path, make_pipeline) -> None:
+    p = make_pipeline(mms_root, data={"group_by": "centre"})
+    assert p.group_names == ["1", "2", "3", "4", "5", "6"]
+    assert p.train_group_counts[3:] == [0, 0, 0] and min(p.train_group_counts[:3]) > 0  # B: centres 2, 3
+
+
+def test_custom_splits_are_seeded_stratified_and_disjoint(mms_root: Path) -> None:
+    subjects = read_subjects(mms_root)
+    spec = {"train": {"vendors": ["A", "B"]}, "test": {"vendors": ["C", "D"]}}
+    a = assign_splits(subjects, spec, val_fraction=0.3, seed=0)
+    assert a == assign_splits(subjects, spec, val_fraction=0.3, seed=0)
+    codes = {k: {s.code for s in v} for k, v in a.items()}
+    assert not (codes["train"] & codes["val"]) and not (codes["train"] & codes["test"])
+    assert {s.vendor for s in a["val"]} == {"A", "B"} and {s.vendor for s in a["test"]} == {"C", "D"}
+    labelled_ab = {s.code for s in subjects if s.vendor in "AB" and s.label is not None}
+    assert codes["train"] | codes["val"] == labelled_ab and all(s.split == "val" for s in a["val"])
+    by_centre = assign_splits(subjects, {"train": {"centres": [1, 2]}, "val": {"centres": [3]},
+                                         "test": {"vendors": ["A"], "centres": [6]}})
+    assert {s.centre for s in by_centre["test"]} == {6} and {s.centre for s in by_centre["val"]} == {3}
+    with pytest.raises(UserError, match="train and test overlap"):
+        assign_splits(subjects, {"train": {"vendors": ["A"]}, "test": {"vendors": ["A", "D"]}})
+    with pytest.raises(UserError, match="unknown vendor"):
+        assign_splits(subjects, {"train": {"vendors": ["Z"]}, "test": {"vendors": ["D"]}})
+
+
+# --- classes -------------------------------------------------------------------------------------------------------
+def test_old_csv_refuses_classification_and_works_without(broken_copy, metadata_csv, make_pipeline) -> None:
+    root = broken_copy()
+    csv = metadata_csv(root)
+    header, rows = csv.read()
+    csv.write(header[:7], [r[:7] for r in rows])
+    (root / METADATA_CSV_NAMES[0]).rename(root / METADATA_CSV_NAMES[1])
+    with pytest.raises(UserError, match=r"has no 'Pathology'.*set model.classify: false"):
+        _ = make_pipeline(root).splits
+    p = make_pipeline(root, model={"classify": False})
+    assert p.heads == {"seg": 4} and "cls" not in p.train_dataset()[0]
+
+
+def test_class_mapping(mms_pipeline: MMSPipeline, mms_root: Path, make_pipeline) -> None:
+    s = next(x for x in mms_pipeline.splits["train"] if x.pathology not in ("NOR", "DCM", "HCM"))
+    assert mms_pipeline.class_index(s) == 3  # unlisted codes -> 'other'
+    mapped = make_pipeline(mms_root, data={"class_map": {s.pathology: "NOR"}})
+    assert mapped.class_index(s) == 0
+    strict = make_pipeline(mms_root, data={"classes": ["NOR", "DCM", "HCM"]})
+    with pytest.raises(UserError, match=rf"subject {s.code}: .*pathology '{s.pathology}' is not in data.classes"):
+        strict.class_index(s)
+
+
+# --- training set ----------------------------------------------------------------------------------------------------
+def test_items_and_key_determinism(mms_pipeline: MMSPipeline) -> None:
+    ds = mms_pipeline.train_dataset()
+    a, b, c = ds[(5, 123)], ds[(5, 123)], ds[(5, 124)]
+    assert a["x"].shape == (1, 64, 64) and a["x"].dtype == torch.float32
+    assert a["seg"].shape == (1, 64, 64) and a["seg"].dtype == torch.long and int(a["seg"].max()) <= 3
+    assert a["cls"].shape == () and a["group"].shape == () and int(a["index"]) == 5
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    assert not torch.equal(a["x"], c["x"])
+    assert not torch.equal(ds[(6, 123)]["x"], ds[6]["x"])  # seed 0 for a plain index
+    assert mms_pipeline.train_is_random()
+
+
+def test_no_augmentation_gives_the_cached_slice(mms_root: Path, make_pipeline) -> None:
+    p = make_pipeline(mms_root, data={"augment": False, "drop_empty": True})
+    ds = p.train_dataset()
+    assert not p.train_is_random()
+    assert torch.equal(ds[(2, 1)]["x"], ds[(2, 99)]["x"])
+    assert all(int(ds[i]["seg"].max()) > 0 for i in range(len(ds)))
+
+
+# --- models and inference ----------------------------------------------------------------------------------------
+def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> None:
+    p = mms_pipeline
+    out = p.build_model({"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]})(torch.zeros(2, 1, 64, 64))
+    assert out["seg"].shape == (2, 4, 64, 64) and out["cls"].shape == (2, 4)
+    with pytest.raises(UserError, match="cannot be downloaded offline"):
+        p.build_model({"pretrained": True})
+    with pytest.raises(UserError, match="unknown encoder 'nonet'"):
+        p.build_model({"encoder": "nonet"})
+    with pytest.raises(UserError, match="data.roi"):
+        _ = MMSPipeline({"data": {"roi": [100, 100]}}, mms_root).dcfg
+    model = MMSPipeline.model_for({"data": {}, "model": {"classify": False}}).eval()  # no data read
+    assert set(model(torch.zeros(1, 1, 32, 32))) == {"seg"}
+
+
+def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipeline) -> None:
+    case = mms_pipeline.case("test", 0)
+    model = mms_pipeline.build_model({}).eval()
+    for pc in case.phases.values():
+        labels, cls, seconds = mms_pipeline.predict_volume(model, pc.image)
+        assert labels.shape == pc.gt.shape and labels.dtype == np.uint8 and seconds > 0
+        assert cls.ndim == 2 and cls.shape[1] == 4 and torch.allclose(cls.sum(1), torch.ones(len(cls)))
+
+
+def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
+    """The ground truth, preprocessed like an image, through SliceInferer and back to native: Dice near 1."""
+    s = mms_pipeline.splits["val"][0]
+    vols = load_volumes(s)
+    out = mms_pipeline.preprocessor({**vols, "frame": s.ed})
+    onehot = torch.nn.functional.one_hot(out["label"][0].long(), 4).permute(3, 0, 1, 2).float()  # (4, H, W, Z)
+
+    slices = out["image"].as_tensor()[0].permute(2, 0, 1)  # (Z, H, W)
+
+    def oracle(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the one-hot truth of the slices ``x`` (B, 1, H, W), found by matching them to the volume."""
+        z = [int(((slices - xi[0]) ** 2).flatten(1).sum(1).argmin()) for xi in x]
+        return {"seg": 20 * onehot.permute(3, 0, 1, 2)[z]}
+
+    labels, _, _ = mms_pipeline.predict_volume(oracle, out["image"])
+    gt = vols["label"][s.ed].numpy()
+    for k in (1, 2, 3):
+        p, g = labels == k, gt == k
+        assert 2 * np.count_nonzero(p & g) / (p.sum() + g.sum()) > 0.9
+
+
+def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:
+    model = mms_pipeline.build_model({}).eval()
+    res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path, teacher=model)
+    assert set(res["group_metric"]) == {"A", "B", "C", "D"}
+    assert res["worst_group_metric"] == min(res["group_metric"].values())
+    assert 0 <= res["average_metric"] <= 1 and "teacher" in res and "infer_seconds_per_volume" in res["timing"]
+    assert set(res["cls_acc_by_vendor"]) == {"A", "B", "C", "D"}
+    assert (tmp_path / "per_case.csv").is_file() and (tmp_path / "examples.npz").is_file()
+    for s in mms_pipeline.splits["test"]:
+        for phase in ("ED", "ES"):
+            pred = nib.load(tmp_path / "predictions" / f"{s.code}_sa_{phase}.nii.gz")
+            src = nib.load(s.image)
+            assert pred.shape == src.shape[:3] and np.array_equal(pred.affine, src.affine)
+    val = mms_pipeline.evaluate(model, "val", out_dir=tmp_path)
+    assert val["timing"]["infer_seconds_per_volume"] > 0 and "teacher" not in val
+    assert (tmp_path / "per_case_val.csv").is_file()
+    assert len(list((tmp_path / "predictions_val").iterdir())) == 2 * len(mms_pipeline.splits["val"])
+    scores = MMSPipeline.case_scores(tmp_path)
+    assert len(scores) == 2 * len(mms_pipeline.splits["test"]) and scores[0][1] in "ABCD"
+    mms_pipeline.write_report(tmp_path, {"test": res, "val": res, "selected_step": 1}, {"method": "erm"})
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_fingerprint_changes_with_the_data(broken_copy, mms_pipeline: MMSPipeline, metadata_csv,
+                                           make_pipeline) -> None:
+    root = broken_copy()
+    assert make_pipeline(root).fingerprint() == mms_pipeline.fingerprint()
+    metadata_csv(root).set(_subject(root, "A").code, "Age", "99")
+    assert make_pipeline(root).fingerprint() != mms_pipeline.fingerprint()
