@@ -69,7 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    get_pipeline(args.pipeline).synthesize(Path(args.out), seed=args.seed)
+    options = parse_set(args.option or [])
+    get_pipeline(args.pipeline).synthesize(Path(args.out), seed=args.seed, **options)
     print(f"wrote synthetic {args.pipeline} data to {args.out}", file=sys.stderr)
     return 0
 
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("pipeline", help="mms | waterbirds")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="a synthesis option, e.g. train_counts={A: 30, B: 3} (mms) or scale=0.1 (waterbirds)")
     s.add_argument("--debug", action="store_true", help="show tracebacks")
     s.set_defaults(func=cmd_synth)
 

@@ -114,7 +114,7 @@ VENDOR_STYLES = {
 DEFAULT_TRAIN_COUNTS = {"A": 30, "B": 6}
 DEFAULT_UNLABELED_COUNTS = {"C": 4}
 TINY_SHAPE = dict(matrix=64, slices=4, frames=4, anatomy=0.5)
-OPTIONS = ("tiny", "train_counts", "unlabeled_counts", "val_per_centre", "test_per_vendor")
+OPTIONS = ("tiny", "train_counts", "minority_share", "unlabeled_counts", "val_per_centre", "test_per_vendor")
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,8 @@ def synthesize(out: Path, seed: int = 0, **options: Any) -> None:
     """Write a synthetic M&Ms-1 release under ``out`` (must be empty or absent).
 
     Options: ``tiny`` (64x64, 4 slices, 4 frames and few subjects, for tests), ``train_counts`` (labelled training
-    subjects per vendor, default A 30, B 6), ``unlabeled_counts`` (default C 4), ``val_per_centre`` (default 3,
+    subjects per vendor, default A 30, B 6), ``minority_share`` (instead of ``train_counts``: the share of vendor B
+    among the 36 labelled training subjects, 0.5 = balanced; for imbalance sweeps), ``unlabeled_counts`` (default C 4), ``val_per_centre`` (default 3,
     tiny 1), ``test_per_vendor`` (default 6, tiny 1).
     """
     unknown = sorted(set(options) - set(OPTIONS))
@@ -324,6 +325,13 @@ def synthesize(out: Path, seed: int = 0, **options: Any) -> None:
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: synthesize needs an empty or new folder")
     tiny = bool(options.get("tiny", False))
+    if "minority_share" in options:
+        share = options["minority_share"]
+        if "train_counts" in options or not isinstance(share, (int, float)) or not 0 < share <= 0.5:
+            raise UserError(f"minority_share must be a number in (0, 0.5] and not given with train_counts, got {share}")
+        total = sum(DEFAULT_TRAIN_COUNTS.values())
+        n_b = max(1, round(total * share))
+        options = {**options, "train_counts": {"A": total - n_b, "B": n_b}}
     train_counts = _check_counts("train_counts", options.get("train_counts", {"A": 3, "B": 2} if tiny
                                                              else DEFAULT_TRAIN_COUNTS))
     unlabeled_counts = _check_counts("unlabeled_counts", options.get("unlabeled_counts", {"C": 1} if tiny
