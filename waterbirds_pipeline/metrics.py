@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 ACCURACY_DEFINITIONS = {
-    "worst_group_acc": "worst-group accuracy: the lowest per-group accuracy",
+    "worst_group_acc": "the lowest per-group accuracy (model selection maximises it on val)",
     "avg_acc": "raw accuracy over every image of the split (val/test are group-balanced within each class)",
     "train_weighted_avg_acc": "per-group accuracies weighted by the training group proportions "
                               "(the group DRO paper's 'average accuracy')",
@@ -37,7 +37,8 @@ def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_n
                      train_counts: Sequence[int]) -> dict[str, Any]:
     """All accuracies of predictions ``pred`` ``(N,)`` against labels ``y`` ``(N,)``; JSON-serialisable.
 
-    Also the engine's keys: ``worst_group_metric`` (= worst_group_acc), ``average_metric`` (= train_weighted_avg_acc).
+    Also the engine's keys: ``group_metric`` (= group_acc), ``worst_group_metric`` (= worst_group_acc) and
+    ``average_metric`` (= train_weighted_avg_acc).
     """
     correct = np.asarray(pred) == np.asarray(y)
     acc, n = group_accuracy(correct, group, len(group_names))
@@ -53,6 +54,7 @@ def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_n
         "train_weighted_avg_acc": float(np.nansum(acc * weights) / weights.sum()) if weights.sum() > 0 else None,
         "mean_group_acc": float(acc[present].mean()) if present.any() else None,
     }
+    summary["group_metric"] = summary["group_acc"]
     summary["worst_group_metric"] = summary["worst_group_acc"]
     summary["average_metric"] = summary["train_weighted_avg_acc"]
     return summary

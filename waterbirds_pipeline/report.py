@@ -36,6 +36,15 @@ def update_predictions(path: Path, split: str, rows: Sequence[dict[str, Any]]) -
     atomic_write_text(path, buf.getvalue())
 
 
+def case_scores(path: Path) -> list[tuple[str, str, float]] | None:
+    """``(img_id, group, 1.0 if correct else 0.0)`` of each test row of a ``predictions.csv``; None if missing."""
+    if not Path(path).is_file():
+        return None
+    with open(path, newline="") as fh:
+        return [(r["img_id"], r["group"], float(r["prediction"] == r["y"]))
+                for r in csv.DictReader(fh) if r["split"] == "test"]
+
+
 def _teacher_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The teacher's ``{split: evaluate dict}``: the engine's ``teacher`` entry, else what evaluate attached."""
     if metrics.get("teacher"):
@@ -85,7 +94,7 @@ def plot_group_accuracy(path: Path, metrics: dict[str, Any], group_names: Sequen
     ax.set_ylabel("test accuracy")
     ax.set_title("Per-group test accuracy")
     if series:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -2,13 +2,15 @@
 
 The design is fixed before any method is compared and is never tuned to favour one:
 
-- core feature (decides the class, no label noise): the neck length of the bird. Landbirds have a neck of 0.2-0.9
-  body half-lengths, waterbirds 1.1-2.0, uniformly, so a share of the images lies close to the boundary. Every other
-  property is drawn from the same distribution for both classes: body aspect, neck angle, head, beak and leg sizes,
-  tail, colours (four palettes, the "species", shared by both classes), scale, rotation (+-25 degrees), mirroring,
-  position, JPEG quality.
+- core feature (decides the class, no label noise): the bird's build. A latent elongation (landbirds 0-0.45,
+  waterbirds 0.55-1, uniform) sets neck, leg and beak length and body slimness, each with its own jitter: waterbirds
+  are heron-like, landbirds compact, and the images near 0.5 are hard. Everything else is drawn from the same
+  distribution for both classes: neck angle, head and tail, colours (four palettes, the "species", shared by both
+  classes), scale, rotation (+-20 degrees), mirroring, position, noise, JPEG quality. Parts have a dark outline.
 - spurious feature (easy): the background. Water is blue to teal, with horizontal waves of random wavelength and
   ripple; land is green, olive or brown foliage made of multi-scale blotches. Both get an optional sky band.
+- image size: the longer side uniform in ``[min_size, max_size]``, aspect ratio between 1 and 4:3 either way (the
+  square resize of the pipeline then distorts shapes by at most 4:3, less than the class difference).
 - group proportions: training counts of the real release (3498 / 184 / 56 / 1057, so 95% of each class on its
   matching background) times ``scale``; validation counts of the real release times ``scale``, test twice the
   validation (the real test is about five times the validation; halved to keep CPU evaluation cheap). In val and
@@ -42,7 +44,7 @@ LAND_COLOURS = (((0.08, 0.22, 0.06), (0.42, 0.62, 0.22)),  # green
                 ((0.25, 0.16, 0.08), (0.58, 0.45, 0.28)))  # brown
 WATER_COLOURS = (((0.04, 0.16, 0.38), (0.36, 0.58, 0.82)),  # blue
                  ((0.03, 0.25, 0.30), (0.30, 0.66, 0.66)))  # teal
-NECK_RANGE = ((0.2, 0.9), (1.1, 2.0))  # by y, in body half-lengths
+ELONGATION = ((0.0, 0.45), (0.55, 1.0))  # by y: the latent that sets the bird's build (see _bird)
 
 
 def group_counts(scale: float, min_per_group: int = 4) -> dict[str, list[int]]:
@@ -56,6 +58,7 @@ def group_counts(scale: float, min_per_group: int = 4) -> dict[str, list[int]]:
 
 
 def species_folder(y: int, palette: int) -> str:
+    """``001.Landbird_brown`` ... ``008.Waterbird_vivid``, like the release's ``001.Black_footed_Albatross``."""
     kind = ("Landbird", "Waterbird")[y]
     return f"{1 + palette + len(PALETTES) * y:03d}.{kind}_{PALETTES[palette]}"
 
@@ -123,8 +126,16 @@ def _palette_colours(rng: np.random.Generator, palette: int) -> tuple[np.ndarray
 
 
 def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Polygons ``(points (P, 2), rgb)`` of a bird facing +x, in body half-lengths, y up, body at the origin."""
-    b = rng.uniform(0.45, 0.65)
+    """Polygons ``(points (P, 2), rgb)`` of a bird facing +x, in body half-lengths, y up, body at the origin.
+
+    The class only acts through ``elongation`` (landbirds 0-0.45, waterbirds 0.55-1), which sets the neck, leg and
+    beak lengths and the slimness of the body, each with its own jitter.
+    """
+    e = rng.uniform(*ELONGATION[y])
+    b = (0.7 - 0.3 * e) * rng.uniform(0.92, 1.08)  # body half-height
+    neck_len = (0.1 + 2.1 * e) * rng.uniform(0.92, 1.08)
+    leg_len = (0.25 + 1.0 * e) * rng.uniform(0.85, 1.15)
+    beak_len = (0.3 + 0.5 * e) * rng.uniform(0.8, 1.2)
     body, wing = _palette_colours(rng, palette)
     head_colour = body if rng.random() < 0.6 else _palette_colours(rng, int(rng.integers(len(PALETTES))))[0]
     beak_colour = np.array([(0.95, 0.75, 0.1), (0.9, 0.45, 0.1), (0.1, 0.1, 0.1), (0.5, 0.5, 0.5)][rng.integers(4)])
@@ -132,23 +143,22 @@ def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarr
 
     neck_angle = math.radians(rng.uniform(50, 85))
     neck_base = np.array([0.65, 0.3 * b])
-    head = neck_base + rng.uniform(*NECK_RANGE[y]) * np.array([math.cos(neck_angle), math.sin(neck_angle)])
+    head = neck_base + neck_len * np.array([math.cos(neck_angle), math.sin(neck_angle)])
     head_r = rng.uniform(0.28, 0.4)
-    beak_dir = math.radians(rng.uniform(-25, 15))
-    beak_len, beak_w = rng.uniform(0.3, 0.8), head_r * rng.uniform(0.5, 0.8)
-    beak_root = head + 0.8 * head_r * np.array([math.cos(beak_dir), math.sin(beak_dir)])
-    beak_tip = head + (head_r + beak_len) * np.array([math.cos(beak_dir), math.sin(beak_dir)])
+    beak_angle = math.radians(rng.uniform(-25, 15))
+    beak = np.array([math.cos(beak_angle), math.sin(beak_angle)])
+    beak_root, beak_tip, beak_w = head + 0.8 * head_r * beak, head + (head_r + beak_len) * beak, 0.6 * head_r
     tail_len, tail_spread = rng.uniform(0.4, 0.9), rng.uniform(0.15, 0.4)
     tail_angle = math.radians(rng.uniform(-10, 35))
     tail_tip = np.array([-0.85 - tail_len * math.cos(tail_angle), tail_len * math.sin(tail_angle)])
     tail = np.stack([(-0.7, 0.25 * b), tail_tip + (0, tail_spread), tail_tip - (0, tail_spread), (-0.7, -0.25 * b)])
-    leg_len, leg_w = rng.uniform(0.4, 1.2), rng.uniform(0.06, 0.1)
+    leg_w = rng.uniform(0.15, 0.22)
     parts = [(tail, body)]
     for x in (-0.2, 0.15):
         top, foot = np.array([x, -0.8 * b]), np.array([x + rng.uniform(-0.15, 0.15), -b - leg_len])
         parts += [(_bar(top, foot, leg_w), leg_colour), (_bar(foot, foot + (0.3, 0), leg_w), leg_colour)]
     parts += [
-        (_bar(neck_base, head, 2 * head_r * rng.uniform(0.45, 0.7)), head_colour),
+        (_bar(neck_base, head, rng.uniform(0.45, 0.6)), head_colour),
         (_ellipse(0, 0, 1, b), body),
         (_ellipse(-0.15, 0.1 * b, rng.uniform(0.5, 0.75), 0.55 * b, rng.uniform(-0.2, 0.2)), wing),
         (np.stack([beak_root + (0, beak_w / 2), beak_tip, beak_root - (0, beak_w / 2)]), beak_colour),
@@ -159,11 +169,11 @@ def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarr
 
 
 def _draw_bird(rng: np.random.Generator, img: Image.Image, y: int, palette: int) -> None:
-    """Draw a bird at a random scale, rotation, mirroring and position, wholly inside ``img``."""
+    """Draw a bird at a random scale, rotation, mirroring and position inside ``img`` (clipped if too big)."""
     parts = _bird(rng, y, palette)
     w, h = img.size
-    unit = rng.uniform(0.09, 0.14) * min(w, h)  # pixels per body half-length
-    angle = math.radians(rng.uniform(-25, 25))
+    unit = rng.uniform(0.12, 0.17) * min(w, h)  # pixels per body half-length
+    angle = math.radians(rng.uniform(-20, 20))
     c, s = math.cos(angle), math.sin(angle)
     mirror = -1.0 if rng.random() < 0.5 else 1.0
     m = unit * np.array([[c * mirror, -s], [s * mirror, c]]) @ np.diag([1.0, -1.0])  # y up -> image rows down
@@ -173,12 +183,16 @@ def _draw_bird(rng: np.random.Generator, img: Image.Image, y: int, palette: int)
     offset = rng.uniform(0, 1, 2) * room - lo
     draw = ImageDraw.Draw(img)
     for p, (_, colour) in zip(pts, parts):
-        draw.polygon([tuple(q) for q in p + offset], fill=tuple(int(v * 255) for v in colour))
+        draw.polygon([tuple(q) for q in p + offset], fill=tuple(int(v * 255) for v in colour), outline=(25, 25, 25),
+                     width=max(1, round(0.06 * unit)))
 
 
 def render(rng: np.random.Generator, y: int, place: int, palette: int, size_range: tuple[int, int]) -> bytes:
-    """JPEG bytes of one synthetic image of random size in ``size_range`` (each side independently)."""
-    w, h = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+    """JPEG bytes of one synthetic image: longer side in ``size_range``, aspect ratio 1 to 4:3, either way."""
+    long_side = int(rng.integers(size_range[0], size_range[1] + 1))
+    w, h = long_side, round(long_side * rng.uniform(0.75, 1.0))
+    if rng.random() < 0.5:
+        w, h = h, w
     bg = _background(rng, h, w, place) * rng.uniform(0.8, 1.15)
     img = Image.fromarray((np.clip(bg, 0, 1) * 255).astype(np.uint8))
     _draw_bird(rng, img, y, palette)
@@ -193,7 +207,7 @@ def synthesize(out: Path, seed: int = 0, scale: float = 0.2, min_size: int = 96,
                min_per_group: int = 4) -> Path:
     """Write the synthetic dataset into ``out`` (``metadata.csv`` last, so a partial run has none); return ``out``.
 
-    Deterministic given ``seed`` and the options; ``scale`` 0.2 gives 960 train, 240 val and 480 test images.
+    Deterministic given ``seed`` and the options; ``scale`` 0.2 gives about 960 train, 240 val and 480 test images.
     """
     if scale <= 0 or not 8 <= min_size <= max_size or min_per_group < 1:
         raise UserError("synthesize needs scale > 0, 8 <= min_size <= max_size and min_per_group >= 1")

@@ -1,0 +1,186 @@
+"""The Waterbirds pipeline: bird classification (landbird / waterbird) with the background as spurious attribute.
+
+Groups: landbird_land, landbird_water, waterbird_land, waterbird_water (2 * y + place). The data root is the folder
+with ``metadata.csv`` or its parent holding ``waterbird_complete95_forest2water2/``.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from groupdistil import distributed as dist_utils
+from groupdistil.errors import UserError
+from groupdistil.pipeline import Pipeline, Predictor
+
+from . import metadata, report, synthetic
+from .data import IMAGENET_MEAN, IMAGENET_STD, ImageStore, WaterbirdsDataset, resize_size, tensor_transform
+from .metrics import accuracy_summary
+from .models import build_model
+
+
+class WaterbirdsPipeline(Pipeline):
+    """Waterbirds (or its synthetic stand-in): data, ResNet classifiers, group accuracies and the report."""
+
+    name: ClassVar[str] = "waterbirds"
+    defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "data": {
+            "image_size": 224,  # crop side; images are first resized to image_size * 256 / 224
+            "augment": False,  # random resized crop (scale 0.7-1) + horizontal flip on training images
+            "cache_images": True,  # decode and resize every image once, keep uint8 tensors in memory
+        },
+        "model": {
+            "arch": "resnet18",  # resnet18 | resnet34 | resnet50
+            "pretrained": False,  # torchvision ImageNet weights (from the torch hub cache when offline)
+        },
+        "eval": {
+            "batch_size": 64,
+        },
+    }
+
+    def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
+        super().__init__(cfg, data_root)
+        self.data_cfg = self._with_defaults("data", cfg.get("data"))
+        self.eval_cfg = self._with_defaults("eval", cfg.get("eval"))
+        if int(self.data_cfg["image_size"]) < 8 or int(self.eval_cfg["batch_size"]) < 1:
+            raise UserError("data.image_size must be >= 8 and eval.batch_size >= 1")
+        self.root = metadata.resolve_root(self.data_root)
+        self.meta = metadata.read_metadata(self.root)
+        for code, split in enumerate(metadata.SPLITS):
+            if not (self.meta.split == code).any():
+                raise UserError(f"{self.root / metadata.METADATA}: no image of split {code} ({split})")
+        self._stores: dict[str, ImageStore] = {}
+
+    @classmethod
+    def _with_defaults(cls, section: str, values: dict[str, Any] | None) -> dict[str, Any]:
+        return {**cls.defaults[section], **(values or {})}
+
+    # --- data -------------------------------------------------------------------------------------------------
+    @property
+    def group_names(self) -> list[str]:
+        return list(metadata.GROUP_NAMES)
+
+    @property
+    def train_group_counts(self) -> list[int]:
+        return np.bincount(self.train_groups().numpy(), minlength=len(self.group_names)).tolist()
+
+    def train_groups(self) -> torch.Tensor:
+        return torch.as_tensor(self.meta.group[self.meta.where("train")], dtype=torch.long)
+
+    def train_is_random(self) -> bool:
+        return bool(self.data_cfg["augment"])
+
+    def train_dataset(self) -> WaterbirdsDataset:
+        return self._dataset("train", augment=self.train_is_random())
+
+    def fingerprint(self) -> str:
+        return metadata.fingerprint(self.root)
+
+    def _images(self, split: str) -> ImageStore:
+        """The split's images, decoded and resized once per pipeline (when ``data.cache_images``)."""
+        if split not in self._stores:
+            rows = self.meta.where(split)
+            self._stores[split] = ImageStore(
+                [self.meta.path[i] for i in rows], [self.meta.describe(i) for i in rows],
+                resize_size(int(self.data_cfg["image_size"])), bool(self.data_cfg["cache_images"]),
+                num_threads=min(4, os.cpu_count() or 1))
+        return self._stores[split]
+
+    def _dataset(self, split: str, augment: bool) -> WaterbirdsDataset:
+        rows = self.meta.where(split)
+        transform = tensor_transform(int(self.data_cfg["image_size"]), augment)
+        return WaterbirdsDataset(self._images(split), self.meta.y[rows], self.meta.group[rows], transform, augment)
+
+    # --- models -----------------------------------------------------------------------------------------------
+    @property
+    def heads(self) -> dict[str, int]:
+        return {"cls": len(metadata.CLASS_NAMES)}
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        cfg = self._with_defaults("model", model_cfg)
+        return build_model(str(cfg["arch"]), bool(cfg["pretrained"]), self.heads["cls"])
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
+                 teacher: Predictor | None = None) -> dict[str, Any]:
+        """Accuracies on ``split`` (see :mod:`waterbirds_pipeline.metrics`); the teacher's under ``"teacher"``.
+
+        Every process evaluates its shard of the split and the predictions are gathered. With ``out_dir``, the
+        main process (re)writes the split's rows of ``out_dir/predictions.csv``, keeping the other split's rows.
+        """
+        t0 = time.time()
+        rows = self.meta.where(split)
+        y, group = self.meta.y[rows], self.meta.group[rows]
+        preds = self._predict([predict] if teacher is None else [predict, teacher], split)
+        counts = self.train_group_counts
+        result = accuracy_summary(preds[0], y, group, self.group_names, counts)
+        if teacher is not None:
+            result["teacher"] = accuracy_summary(preds[1], y, group, self.group_names, counts)
+            result["teacher_agreement"] = float((preds[0] == preds[1]).mean())
+        if out_dir is not None and dist_utils.is_main():
+            table = {"img_id": self.meta.img_id[rows], "y": y, "place": self.meta.place[rows],
+                     "group": np.asarray(self.group_names)[group], "prediction": preds[0]}
+            if teacher is not None:
+                table["teacher_prediction"] = preds[1]
+            csv_rows = [{"split": split, **dict(zip(table, values))} for values in zip(*table.values())]
+            report.update_predictions(Path(out_dir) / "predictions.csv", split, csv_rows)
+        result["timing"] = {"infer_seconds_per_case": (time.time() - t0) / len(rows)}
+        return result
+
+    def _predict(self, predictors: list[Predictor], split: str) -> list[np.ndarray]:
+        """Predicted class of every image of ``split`` by each predictor, int64 ``(N,)`` each, in split order.
+
+        One pass over this process's shard, then the shards of all processes are gathered.
+        """
+        dataset = self._dataset(split, augment=False)
+        positions = list(dist_utils.shard(len(dataset)))
+        loader = DataLoader(Subset(dataset, positions), batch_size=int(self.eval_cfg["batch_size"]), shuffle=False)
+        chunks: list[list[torch.Tensor]] = [[] for _ in predictors]
+        with torch.no_grad():
+            for batch in loader:
+                for out, predict in zip(chunks, predictors):
+                    out.append(predict(batch["x"])["cls"].argmax(1).cpu())
+        mine = np.stack([np.asarray(positions, dtype=np.int64),
+                         *(torch.cat(c).numpy() if c else np.zeros(0, np.int64) for c in chunks)])
+        gathered = np.concatenate(dist_utils.gather_objects([mine]), axis=1)
+        ordered = gathered[:, np.argsort(gathered[0])]
+        return list(ordered[1:])
+
+    def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
+        report.write_report(run_dir, metrics, info, self.group_names, self.train_group_counts)
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """``(img_id, group, 1.0 if correct else 0.0)`` of each test image, from ``predictions.csv``."""
+        return report.case_scores(Path(run_dir) / "predictions.csv")
+
+    @classmethod
+    def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """What the model of a run config expects as input (written next to exported models)."""
+        size = int(cls._with_defaults("data", cfg.get("data"))["image_size"])
+        return {
+            "input": f"RGB image, float (3, {size}, {size})",
+            "resize": f"to {resize_size(size)} x {resize_size(size)} (aspect ratio not kept), bilinear, antialiased",
+            "crop": f"centre {size} x {size}",
+            "intensity": "scale to [0, 1], then normalise with ImageNet mean and std",
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "classes": list(metadata.CLASS_NAMES),
+        }
+
+    # --- synthetic data ---------------------------------------------------------------------------------------
+    @classmethod
+    def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
+        """Synthetic Waterbirds in the release layout; options: ``scale``, ``min_size``, ``max_size``,
+        ``min_per_group`` (see :func:`waterbirds_pipeline.synthetic.synthesize`)."""
+        valid = [p for p in inspect.signature(synthetic.synthesize).parameters if p not in ("out", "seed")]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise UserError(f"unknown Waterbirds synthesis option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        synthetic.synthesize(Path(out), seed, **options)
