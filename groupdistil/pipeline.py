@@ -92,7 +92,8 @@ class Pipeline(abc.ABC):
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        """A description of the input preprocessing of a run config (written next to exported models)."""
+        """A description of the input preprocessing of a run config (written next to exported models); must hold
+        ``input_shape`` (C, H, W) for export."""
         return {}
 
     @classmethod

@@ -243,6 +243,7 @@ class MMSPipeline(Pipeline):
         d = {**DEFAULTS["data"], **(cfg.get("data") or {})}
         return {
             "input": "one short-axis slice, float (1, H, W), of the ED or ES frame (metadata CSV indices)",
+            "input_shape": [1, *(int(r) for r in d["roi"])],
             "spacing_mm": list(d["spacing"]), "roi": list(d["roi"]),
             "resampling": "in-plane only (MONAI Spacingd, pixdim (sx, sy, -1)), bilinear; then centre crop/pad",
             "intensity": f"per volume: clip to percentiles {list(d['intensity_percentiles'])}, scale to [0, 1]",

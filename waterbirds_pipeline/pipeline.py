@@ -167,6 +167,7 @@ class WaterbirdsPipeline(Pipeline):
         size = int(cls._with_defaults("data", cfg.get("data"))["image_size"])
         return {
             "input": f"RGB image, float (3, {size}, {size})",
+            "input_shape": [3, size, size],
             "resize": f"to {resize_size(size)} x {resize_size(size)} (aspect ratio not kept), bilinear, antialiased",
             "crop": f"centre {size} x {size}",
             "intensity": "scale to [0, 1], then normalise with ImageNet mean and std",
