@@ -381,20 +381,22 @@ class Trainer:
         """Evaluate the last and the selected model (every rank, sharded); rank 0 writes metrics and report."""
         t0 = time.time()
         teacher_pred = self.predictor(self.teacher_model) if self.teacher_model is not None else None
-        last: dict[str, Any] = {"step": step}
-        for split in ("val", "test"):
-            last[split] = self.pipeline.evaluate(self.predictor(self.student), split)
-            last[split].pop("timing", None)
         best_state = dist_utils.broadcast_object(
             load_checkpoint(self.run_dir / "checkpoints" / "best.pt") if self.main else None)
         selected = copy.deepcopy(self.student)
         selected.load_state_dict(best_state["model"])
         metrics: dict[str, Any] = {"selected_step": int(best_state["step"]), "groups": self.cfg["groups"]}
         timing: dict[str, Any] = {"train_seconds": train_seconds}
+        last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):
             m = self.pipeline.evaluate(self.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
             timing[split] = m.pop("timing", {})
             metrics[split] = m
+            if metrics["selected_step"] == step:  # the same weights: no second evaluation
+                last[split] = {k: v for k, v in m.items() if not k.startswith("teacher")}
+            else:
+                last[split] = self.pipeline.evaluate(self.predictor(self.student), split)
+                last[split].pop("timing", None)
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0
         if self.main:

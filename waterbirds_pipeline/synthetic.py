@@ -44,7 +44,8 @@ LAND_COLOURS = (((0.08, 0.22, 0.06), (0.42, 0.62, 0.22)),  # green
                 ((0.25, 0.16, 0.08), (0.58, 0.45, 0.28)))  # brown
 WATER_COLOURS = (((0.04, 0.16, 0.38), (0.36, 0.58, 0.82)),  # blue
                  ((0.03, 0.25, 0.30), (0.30, 0.66, 0.66)))  # teal
-ELONGATION = ((0.0, 0.45), (0.55, 1.0))  # by y: the latent that sets the bird's build (see _bird)
+ELONGATION = ((0.0, 0.3), (0.7, 1.0))  # by y: the latent that sets the bird's build (see _bird)
+BIRD_FILL = (0.6, 0.8)  # the bird's bounding box, as a fraction of the image (its tighter side)
 
 
 def group_counts(scale: float, min_per_group: int = 4) -> dict[str, list[int]]:
@@ -128,39 +129,46 @@ def _palette_colours(rng: np.random.Generator, palette: int) -> tuple[np.ndarray
 def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Polygons ``(points (P, 2), rgb)`` of a bird facing +x, in body half-lengths, y up, body at the origin.
 
-    The class only acts through ``elongation`` (landbirds 0-0.45, waterbirds 0.55-1), which sets the neck, leg and
-    beak lengths and the slimness of the body, each with its own jitter.
+    The class only acts through ``elongation`` (landbirds 0-0.3, waterbirds 0.7-1), which sets the silhouette:
+    body slimness and posture (landbirds round and upright, waterbirds slim and horizontal), neck, leg and beak
+    length and the width of the (webbed) feet, each with its own jitter.
     """
     e = rng.uniform(*ELONGATION[y])
-    b = (0.7 - 0.3 * e) * rng.uniform(0.92, 1.08)  # body half-height
-    neck_len = (0.1 + 2.1 * e) * rng.uniform(0.92, 1.08)
-    leg_len = (0.25 + 1.0 * e) * rng.uniform(0.85, 1.15)
-    beak_len = (0.3 + 0.5 * e) * rng.uniform(0.8, 1.2)
+    b = (0.95 - 0.6 * e) * rng.uniform(0.92, 1.08)  # body half-height (half-length 1)
+    tilt = math.radians((1 - e) * rng.uniform(30, 50))  # landbirds sit upright, waterbirds lie horizontal
+    neck_len = (0.05 + 1.9 * e) * rng.uniform(0.9, 1.1)
+    leg_len = (0.2 + 1.2 * e) * rng.uniform(0.85, 1.15)
+    beak_len = (0.25 + 0.6 * e) * rng.uniform(0.8, 1.2)
+    foot_len = (0.25 + 0.55 * e) * rng.uniform(0.85, 1.15)
     body, wing = _palette_colours(rng, palette)
     head_colour = body if rng.random() < 0.6 else _palette_colours(rng, int(rng.integers(len(PALETTES))))[0]
     beak_colour = np.array([(0.95, 0.75, 0.1), (0.9, 0.45, 0.1), (0.1, 0.1, 0.1), (0.5, 0.5, 0.5)][rng.integers(4)])
     leg_colour = beak_colour * rng.uniform(0.6, 1.0)
+    ct, st = math.cos(tilt), math.sin(tilt)
+    rot = np.array([[ct, st], [-st, ct]])  # row vectors: p @ rot turns p by +tilt (tail down, head up)
 
-    neck_angle = math.radians(rng.uniform(50, 85))
-    neck_base = np.array([0.65, 0.3 * b])
+    neck_angle = math.radians(rng.uniform(45, 75))
+    neck_base = np.array([0.7, 0.35 * b]) @ rot
     head = neck_base + neck_len * np.array([math.cos(neck_angle), math.sin(neck_angle)])
-    head_r = rng.uniform(0.28, 0.4)
-    beak_angle = math.radians(rng.uniform(-25, 15))
+    head_r = rng.uniform(0.3, 0.4)
+    beak_angle = math.radians(rng.uniform(-20, 10))
     beak = np.array([math.cos(beak_angle), math.sin(beak_angle)])
     beak_root, beak_tip, beak_w = head + 0.8 * head_r * beak, head + (head_r + beak_len) * beak, 0.6 * head_r
-    tail_len, tail_spread = rng.uniform(0.4, 0.9), rng.uniform(0.15, 0.4)
-    tail_angle = math.radians(rng.uniform(-10, 35))
-    tail_tip = np.array([-0.85 - tail_len * math.cos(tail_angle), tail_len * math.sin(tail_angle)])
+    tail_len, tail_spread = rng.uniform(0.4, 0.8), rng.uniform(0.15, 0.35)
+    tail_tip = np.array([-0.85 - tail_len, 0.0])
     tail = np.stack([(-0.7, 0.25 * b), tail_tip + (0, tail_spread), tail_tip - (0, tail_spread), (-0.7, -0.25 * b)])
-    leg_w = rng.uniform(0.15, 0.22)
-    parts = [(tail, body)]
-    for x in (-0.2, 0.15):
-        top, foot = np.array([x, -0.8 * b]), np.array([x + rng.uniform(-0.15, 0.15), -b - leg_len])
-        parts += [(_bar(top, foot, leg_w), leg_colour), (_bar(foot, foot + (0.3, 0), leg_w), leg_colour)]
+    leg_w = rng.uniform(0.2, 0.28)
+    parts = [(tail @ rot, body)]
+    for x in (-0.25, 0.2):
+        top = np.array([x, -0.7 * b]) @ rot
+        foot = np.array([top[0] + rng.uniform(-0.1, 0.1), min(top[1], -b) - leg_len])
+        web = np.stack([foot + (-0.1, 0.08), foot + (foot_len, 0.08 + 0.35 * foot_len * e),
+                        foot + (foot_len, -0.08), foot + (-0.1, -0.08)])
+        parts += [(_bar(top, foot, leg_w), leg_colour), (web, leg_colour)]
     parts += [
-        (_bar(neck_base, head, rng.uniform(0.45, 0.6)), head_colour),
-        (_ellipse(0, 0, 1, b), body),
-        (_ellipse(-0.15, 0.1 * b, rng.uniform(0.5, 0.75), 0.55 * b, rng.uniform(-0.2, 0.2)), wing),
+        (_bar(neck_base, head, rng.uniform(0.45, 0.55) + 0.2 * (1 - e)), head_colour),
+        (_ellipse(0, 0, 1, b) @ rot, body),
+        (_ellipse(-0.15, 0.1 * b, rng.uniform(0.5, 0.75), 0.55 * b, rng.uniform(-0.2, 0.2)) @ rot, wing),
         (np.stack([beak_root + (0, beak_w / 2), beak_tip, beak_root - (0, beak_w / 2)]), beak_colour),
         (_ellipse(*head, head_r, head_r), head_colour),
         (_ellipse(*(head + head_r * np.array([0.35, 0.25])), 0.07, 0.07), np.full(3, 0.05)),
@@ -169,22 +177,24 @@ def _bird(rng: np.random.Generator, y: int, palette: int) -> list[tuple[np.ndarr
 
 
 def _draw_bird(rng: np.random.Generator, img: Image.Image, y: int, palette: int) -> None:
-    """Draw a bird at a random scale, rotation, mirroring and position inside ``img`` (clipped if too big)."""
+    """Draw a bird at a random rotation, mirroring and position inside ``img``, its bounding box scaled to fill
+    ``BIRD_FILL`` of the image (the bird's size carries no class information; only its shape does)."""
     parts = _bird(rng, y, palette)
     w, h = img.size
-    unit = rng.uniform(0.12, 0.17) * min(w, h)  # pixels per body half-length
+    fill = rng.uniform(*BIRD_FILL)
     angle = math.radians(rng.uniform(-20, 20))
     c, s = math.cos(angle), math.sin(angle)
     mirror = -1.0 if rng.random() < 0.5 else 1.0
-    m = unit * np.array([[c * mirror, -s], [s * mirror, c]]) @ np.diag([1.0, -1.0])  # y up -> image rows down
+    m = np.array([[c * mirror, -s], [s * mirror, c]]) @ np.diag([1.0, -1.0])  # y up -> image rows down
     pts = [p @ m.T for p, _ in parts]
     lo, hi = np.min([p.min(0) for p in pts], 0), np.max([p.max(0) for p in pts], 0)
-    room = np.maximum(np.array([w, h]) - (hi - lo), 0)
-    offset = rng.uniform(0, 1, 2) * room - lo
+    unit = fill / max((hi - lo) / (w, h))  # pixels per body half-length
+    pts, lo, hi = [p * unit for p in pts], lo * unit, hi * unit
+    offset = rng.uniform(0, 1, 2) * (np.array([w, h]) - (hi - lo)) - lo
     draw = ImageDraw.Draw(img)
     for p, (_, colour) in zip(pts, parts):
-        draw.polygon([tuple(q) for q in p + offset], fill=tuple(int(v * 255) for v in colour), outline=(25, 25, 25),
-                     width=max(1, round(0.06 * unit)))
+        draw.polygon([tuple(q) for q in p + offset], fill=tuple(int(v * 255) for v in colour), outline=(20, 20, 20),
+                     width=max(1, round(0.08 * unit)))
 
 
 def render(rng: np.random.Generator, y: int, place: int, palette: int, size_range: tuple[int, int]) -> bytes:
