@@ -92,6 +92,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop the lines of steps > ``after_step`` (written after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
 class StepLogger:
     """Buffers per-step tensors on the device and writes them to ``train_log.jsonl`` in one host sync per flush."""
 
@@ -133,12 +141,6 @@ class StepLogger:
                             f"good checkpoint is kept (lower train.lr or check the data)")
         self.last = lines[-1]
 
-    def truncate(self, after_step: int) -> None:
-        """Drop lines of steps > ``after_step`` (written after the checkpoint we resume from)."""
-        if not self.enabled or not self.path.exists():
-            return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
-        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
 
 class Progress:
@@ -348,7 +350,9 @@ class Trainer:
         start = 0
         if status == "resume":
             start = self.resume()
-            logger.truncate(start)
+            if self.main:
+                for name in ("train_log.jsonl", "eval_log.jsonl"):
+                    truncate_jsonl(self.run_dir / name, start)
             log(f"resuming {self.run_dir} from step {start}")
         total = self.t["max_steps"]
         progress = Progress(total, start, self.main)
