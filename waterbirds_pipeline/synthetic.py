@@ -2,11 +2,14 @@
 
 The design is fixed before any method is compared and is never tuned to favour one:
 
-- core feature (decides the class, no label noise): the bird's build. A latent elongation (landbirds 0-0.45,
-  waterbirds 0.55-1, uniform) sets neck, leg and beak length and body slimness, each with its own jitter: waterbirds
-  are heron-like, landbirds compact, and the images near 0.5 are hard. Everything else is drawn from the same
-  distribution for both classes: neck angle, head and tail, colours (four palettes, the "species", shared by both
-  classes), scale, rotation (+-20 degrees), mirroring, position, noise, JPEG quality. Parts have a dark outline.
+- core feature (decides the class, no label noise): the bird's silhouette. A latent elongation (landbirds 0-0.3,
+  waterbirds 0.7-1, uniform; a gap, so no image is ambiguous) sets body slimness and posture, neck, leg and beak
+  length and the width of the webbed feet, each with its own jitter: waterbirds are heron-like (slim horizontal
+  body, long neck, long legs, wide flat feet), landbirds compact (round upright body, head on the body, short legs).
+  Everything else is drawn from the same distribution for both classes: neck angle, head and tail, colours (four
+  palettes, the "species", shared by both classes), rotation (+-20 degrees), mirroring, position, noise, JPEG
+  quality. The bird's bounding box fills 60-80% of the image whatever its class (size is no cue), parts are thick
+  enough to survive a 48 px resize, and they have a dark outline.
 - spurious feature (easy): the background. Water is blue to teal, with horizontal waves of random wavelength and
   ripple; land is green, olive or brown foliage made of multi-scale blotches. Both get an optional sky band.
 - image size: the longer side uniform in ``[min_size, max_size]``, aspect ratio between 1 and 4:3 either way (the
@@ -15,6 +18,18 @@ The design is fixed before any method is compared and is never tuned to favour o
   matching background) times ``scale``; validation counts of the real release times ``scale``, test twice the
   validation (the real test is about five times the validation; halved to keep CPU evaluation cheap). In val and
   test exactly half of each class lies on each background. Every group gets at least ``min_per_group`` images.
+
+Measured learnability (ResNet-18 from scratch, 48 px as in ``configs/waterbirds.yaml``, SGD lr 0.01, momentum 0.9,
+weight decay 1e-4, batch 64, 300 steps, one CPU thread, about 0.47 s per step; default ``scale`` 0.2, seed 0,
+evaluated on its balanced test split):
+
+- background-balanced training (batches sampled group-balanced from the val + test images of a seed-1 copy, so
+  background carries no class information): test accuracy 0.85 / 0.88 / 0.90 after 100 / 200 / 300 steps (per
+  group at 300: landbird_land 0.94, landbird_water 0.96, waterbird_land 0.65, waterbird_water 0.83): the core
+  feature is learnable within the budget.
+- ERM on the 95%-correlated training split: test accuracy 0.73, per group 1.00 / 0.60 / 0.00 / 1.00 after 300
+  steps: the background is learned first and the minority groups fail, as in the real Waterbirds.
+- at 32 px the core is harder (balanced training about 0.82-0.84 after 300 steps, 0.24 s per step).
 
 Usage: ``python -m waterbirds_pipeline.synthetic --out DIR [--seed N] [--scale 0.2]``.
 """
