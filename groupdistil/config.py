@@ -51,7 +51,6 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
         "channels_last": True,  # on CUDA
         "teacher_cache": "auto",  # auto: cache teacher outputs when training inputs are deterministic | off
-        "compile": False,
     },
 }
 

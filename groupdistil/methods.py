@@ -56,6 +56,7 @@ class Method(nn.Module):
         self.autocast: Callable[[], ContextManager] = nullcontext
         self.reduce: Callable[[Tensor], Tensor] = lambda t: t
         self.grad_scale: float = 1.0  # world size under DDP
+        self.grad_clip: float = 0.0  # max gradient norm; 0 disables
 
     @property
     def name(self) -> str:
@@ -81,6 +82,8 @@ class Method(nn.Module):
             loss, logs = self.aggregate(terms["total"], batch["group"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

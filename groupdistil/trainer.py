@@ -256,6 +256,7 @@ class Trainer:
         self.method: Method = self.method_cls(self.student, criterion, self.n_groups, self.train_counts,
                                               self.cfg["method_args"], teacher=teacher).to(self.device)
         self.method.autocast = self.autocast
+        self.method.grad_clip = self.t["grad_clip"]
         self.method.optimizer = build_optimizer(self.student.parameters(), self.t)
         self.method.scheduler = build_scheduler(self.method.optimizer, self.t)
         if dist_utils.is_distributed():
