@@ -193,7 +193,7 @@ class Trainer:
                 raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
                                 f"configs/{pipeline_cls.name}_teacher.yaml)")
             # load (and so check) the teacher before anything is written
-            self.teacher_cpu, _ = load_model_from_checkpoint(teacher_path, pipeline_cls)
+            self.teacher_cpu, teacher_ck = load_model_from_checkpoint(teacher_path, pipeline_cls)
         self.pipeline = pipeline_cls(cfg, data_root)
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
@@ -204,8 +204,11 @@ class Trainer:
                     f"by renormalisation")
         self.use_amp = self.device.type == "cuda" and self.t["amp"]
         self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext)
+        # the teacher is identified by what it is (its run's config hash and the selected step), not where it sits,
+        # so a comparison folder can be moved or copied and its finished runs are still recognised
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
-                           "teacher": str(teacher_path) if teacher_path and self.method_cls.needs_teacher else None}
+                           "teacher": (f"{teacher_ck.get('run_hash')}@step{teacher_ck.get('step')}"
+                                       if self.method_cls.needs_teacher else None)}
 
     # --- run folder --------------------------------------------------------------------------------------------
     def prepare_run_dir(self) -> str:

@@ -97,6 +97,15 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     compare.run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
     assert built == []
 
+    # a comparison folder that was moved (or copied elsewhere) is still recognised: runs name their teacher by
+    # its checkpoint (run hash and step), not by its path
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    built[:] = []
+    compare.run_comparison(exp, tmp_path / "data", moved, pipeline_cls=CaseToy)
+    assert built == []
+    assert read_csv(moved / "runs.csv") == rows
+
 
 def test_runs_csv_columns_and_sweeps(tmp_path):
     torch.set_num_threads(1)
