@@ -16,6 +16,8 @@ order plus HD95, clinical indices (on the ED row) and classification; predicted 
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -399,17 +401,23 @@ class MMSPipeline(Pipeline):
 
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """``("<code> <ED|ES>", group, mean Dice)`` of each test volume, from ``per_case.csv``."""
+        """Per-case test scores for the paired per-case test, on the run's own metric (from ``per_case.csv``):
+        ``("<code> <ED|ES>", group, mean Dice)`` of each volume, or with ``eval.metric: accuracy``
+        ``("<code>", group, 1.0 | 0.0)``: whether the subject's pathology was classified correctly."""
         path = Path(run_dir) / report.PER_CASE_FILE
         if not path.exists():
             return None
-        group_by = DEFAULTS["data"]["group_by"]
+        ecfg, dcfg = DEFAULTS["eval"], DEFAULTS["data"]
         cfg_path = Path(run_dir) / "config.yaml"
         if cfg_path.exists():
-            group_by = ((yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}).get("group_by", group_by)
-        key = "Vendor" if group_by == "vendor" else "Centre"
-        return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r))
-                for r in read_per_case_csv(path)]
+            cfg = yaml.safe_load(cfg_path.read_text()) or {}
+            ecfg, dcfg = {**ecfg, **(cfg.get("eval") or {})}, {**dcfg, **(cfg.get("data") or {})}
+        key = "Vendor" if dcfg["group_by"] == "vendor" else "Centre"
+        rows = read_per_case_csv(path)
+        if ecfg["metric"] == "accuracy":
+            return [(str(r["Name"]), str(r[key]), float(r["cls_correct"]))
+                    for r in rows if not math.isnan(r.get("cls_correct", math.nan))]
+        return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r)) for r in rows]
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
         report.write_mms_report(run_dir, metrics, info)

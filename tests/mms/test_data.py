@@ -2,6 +2,7 @@
 training set's keys, models and whole-volume inference."""
 from __future__ import annotations
 
+import csv
 import gzip
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from groupdistil.errors import UserError
 from mms_pipeline.data import (
@@ -331,6 +333,14 @@ def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None
     assert len(list((tmp_path / "predictions_val").iterdir())) == 2 * len(mms_pipeline.splits["val"])
     scores = MMSPipeline.case_scores(tmp_path)
     assert len(scores) == 2 * len(mms_pipeline.splits["test"]) and scores[0][1] in "ABCD"
+    # a classification run (eval.metric: accuracy) is paired per subject on whether its pathology was right
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"eval": {"metric": "accuracy"}}))
+    per_subject = MMSPipeline.case_scores(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "per_case.csv").open()))
+    truth = {r["Name"]: float(r["Pathology"] == r["cls_pred"]) for r in rows if r["cls_pred"]}
+    assert sorted(c for c, _, _ in per_subject) == sorted(s.code for s in mms_pipeline.splits["test"])
+    assert {c: v for c, _, v in per_subject} == truth
+    (tmp_path / "config.yaml").unlink()
     mms_pipeline.write_report(tmp_path, {"test": res, "val": res, "selected_step": 1}, {"method": "erm"})
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
 
