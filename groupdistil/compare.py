@@ -551,7 +551,7 @@ class Writer:
         made: list[tuple[Path, str]] = []
         for lv in levels:
             suffix = f"__{lv}" if lv else ""
-            weighted = {k: runs for k, runs in variants.items() if k[0] == lv and read_group_weights(runs[0].run_dir)}
+            weighted = {k: runs for k, runs in variants.items() if k[0] == lv and read_group_weights(runs[0].run_dir)[0]}
             if weighted:
                 png = self.out / "plots" / f"group_weights{suffix}.png"
                 plot_group_weights(png, weighted, f"Group weights over training {lv}".strip())
@@ -592,13 +592,15 @@ class Writer:
         plot_lines(png, title, xlabel, xs, series, constant)
 
 
-def read_group_weights(run_dir: Path) -> dict[int, list[float]]:
-    """``{step: [q_g ...]}`` from a run's train_log.jsonl ({} when the method logs no group weights)."""
+def read_group_weights(run_dir: Path) -> tuple[dict[int, list[float]], set[int]]:
+    """``{step: [q_g ...]}`` from a run's train_log.jsonl ({} when the method logs no group weights), and the
+    groups that had samples in some logged batch."""
     path = run_dir / "train_log.jsonl"
     if not path.exists():
-        return {}
-    rows = (json.loads(ln) for ln in path.read_text().splitlines() if ln.strip())
-    return {r["step"]: r["group_weight"] for r in rows if "group_weight" in r}
+        return {}, set()
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    seen = {g for r in rows for g, n in enumerate(r.get("group_count", [])) if n > 0}
+    return {r["step"]: r["group_weight"] for r in rows if "group_weight" in r}, seen
 
 
 def _figure(n: int = 1, ncols: int = 1) -> tuple[Any, list[Any]]:
@@ -621,13 +623,21 @@ def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunS
     """One panel per method variant: each group's weight over steps, averaged over the seeds."""
     fig, axes = _figure(len(variants), min(3, len(variants)))
     for ax, runs in zip(axes, variants.values()):
-        logs = [read_group_weights(r.run_dir) for r in runs]
+        read = [read_group_weights(r.run_dir) for r in runs]
+        logs = [lg for lg, _ in read]
+        seen = set().union(*(sn for _, sn in read))
         steps = sorted(set.intersection(*(set(lg) for lg in logs)))
         groups = runs[0].groups
-        for g in range(len(logs[0][steps[0]]) if steps else 0):
-            ax.plot(steps, [sum(lg[s][g] for lg in logs) / len(logs) for s in steps],
-                    label=groups[g] if g < len(groups) else f"group {g}")
-        ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds)", fontsize=9)
+        name = lambda g: groups[g] if g < len(groups) else f"group {g}"  # noqa: E731
+        n_groups = len(logs[0][steps[0]]) if steps else 0
+        # groups that never appear in training (e.g. M&Ms vendors C and D) keep a weight that only shrinks by
+        # renormalisation; drawing it would squash the curves that matter, so the panel names them instead
+        unseen = [g for g in range(n_groups) if g not in seen]
+        for g in range(n_groups):
+            if g in seen:
+                ax.plot(steps, [sum(lg[s][g] for lg in logs) / len(logs) for s in steps], label=name(g))
+        note = f"; not shown: {', '.join(name(g) for g in unseen)} (no training samples)" if unseen else ""
+        ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds{note})", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("group weight q_g")
         ax.legend(fontsize=7)

@@ -244,3 +244,20 @@ def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
     assert args.func(args) == 0
     assert [r["run_dir"] for r in read_csv(tmp_path / "o" / "runs.csv")] == ["runs/erm__seed=0"]
     assert "Paired comparisons" not in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_group_weight_plot_leaves_out_groups_never_trained_on(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "group_weight": [0.3, 0.3, 0.2, 0.2], "group_count": [3, 1 if s == 2 else 0, 0, 0]}
+            for s in (1, 2, 3)]
+    (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    weights, seen = compare.read_group_weights(run)
+    assert sorted(weights) == [1, 2, 3] and seen == {0, 1}  # group 1 seen once is kept; 2 and 3 never
+    spec = compare.RunSpec("groupdistil", 0, {}, {}, {}, run, tmp_path, groups=["A", "B", "C", "D"])
+    figs = []
+    monkeypatch.setattr(compare, "_save", lambda fig, png: figs.append(fig))
+    compare.plot_group_weights(tmp_path / "w.png", {("", "groupdistil", ""): [spec]}, "weights")
+    (ax,) = [a for a in figs[0].axes if a.get_visible()]
+    assert [ln.get_label() for ln in ax.get_lines()] == ["A", "B"]
+    assert "not shown: C, D (no training samples)" in ax.get_title()
