@@ -636,8 +636,8 @@ def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunS
         for g in range(n_groups):
             if g in seen:
                 ax.plot(steps, [sum(lg[s][g] for lg in logs) / len(logs) for s in steps], label=name(g))
-        note = f"; not shown: {', '.join(name(g) for g in unseen)} (no training samples)" if unseen else ""
-        ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds{note})", fontsize=9)
+        note = f"\nnot shown: {', '.join(name(g) for g in unseen)} (no training samples)" if unseen else ""
+        ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds){note}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("group weight q_g")
         ax.legend(fontsize=7)
