@@ -81,13 +81,6 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
 }
 _FREE = {("set",), ("teacher_set",), ("sweep",), ("data", "options"), ("data", "sweep")}  # keys not checked
 _RESERVED = {"seed", "pipeline", "groups", "run"}  # set by the experiment or by the run itself
-METRIC_NOTES = {
-    "waterbirds": "Worst-group metric: the lowest test accuracy over the four (bird, background) groups. Average "
-                  "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
-                  "paper's average; not the raw test accuracy).",
-    "mms": "Worst-group metric: the mean Dice (over LV, MYO, RV and the ED and ES phases) of the worst test vendor. "
-           "Average metric: the mean Dice over all test cases.",
-}
 WORST, AVERAGE = "worst_group_metric", "average_metric"
 
 
@@ -505,7 +498,8 @@ class Writer:
     # --- report --------------------------------------------------------------------------------------------------
     def metric_note(self) -> str:
         name = self.pipeline_cls.name
-        return (self.exp.metric_note or getattr(self.pipeline_cls, "metric_note", "") or METRIC_NOTES.get(name)
+        student = next((s.cfg for s in self.specs if s.method != "teacher"), self.specs[0].cfg)
+        return (self.exp.metric_note or self.pipeline_cls.metric_note(student)
                 or f"Worst-group and average metric as defined by the {name} pipeline's evaluation.")
 
     def report(self, variants: dict[tuple[str, str, str], list[RunSpec]], pairs: list[PairRow]) -> None:

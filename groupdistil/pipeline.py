@@ -97,6 +97,12 @@ class Pipeline(abc.ABC):
         return {}
 
     @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        """One or two sentences saying what ``worst_group_metric`` and ``average_metric`` measure under ``cfg``
+        (shown in comparison reports); "" for a generic sentence."""
+        return ""
+
+    @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None."""
         return None

@@ -400,6 +400,16 @@ class MMSPipeline(Pipeline):
         collector.save(out_dir / report.EXAMPLES_FILE)
 
     @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        group = (cfg.get("data") or {}).get("group_by", DEFAULTS["data"]["group_by"])
+        if (cfg.get("eval") or {}).get("metric", DEFAULTS["eval"]["metric"]) == "accuracy":
+            return (f"Worst-group metric: the subject-level pathology classification accuracy of the worst test "
+                    f"{group}. Average metric: the accuracy over all test subjects. Per-case test: each subject "
+                    f"scored 1 if its pathology was right, 0 if not.")
+        return (f"Worst-group metric: the mean Dice (over LV, MYO, RV and the ED and ES phases) of the worst test "
+                f"{group}. Average metric: the mean Dice over all test cases.")
+
+    @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """Per-case test scores for the paired per-case test, on the run's own metric (from ``per_case.csv``):
         ``("<code> <ED|ES>", group, mean Dice)`` of each volume, or with ``eval.metric: accuracy``

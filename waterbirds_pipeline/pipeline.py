@@ -157,6 +157,12 @@ class WaterbirdsPipeline(Pipeline):
         report.write_report(run_dir, metrics, info, self.group_names, self.train_group_counts)
 
     @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        return ("Worst-group metric: the lowest test accuracy over the four (bird, background) groups. Average "
+                "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
+                "paper's average; not the raw test accuracy).")
+
+    @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """``(img_id, group, 1.0 if correct else 0.0)`` of each test image, from ``predictions.csv``."""
         return report.case_scores(Path(run_dir) / "predictions.csv")

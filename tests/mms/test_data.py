@@ -352,3 +352,9 @@ def test_fingerprint_changes_with_the_data(broken_copy, mms_pipeline: MMSPipelin
     assert make_pipeline(root).fingerprint() == mms_pipeline.fingerprint()
     metadata_csv(root).set(_subject(root, "A").code, "Age", "99")
     assert make_pipeline(root).fingerprint() != mms_pipeline.fingerprint()
+
+
+def test_metric_note_follows_the_metric_and_grouping() -> None:
+    assert "mean Dice" in MMSPipeline.metric_note({}) and "worst test vendor" in MMSPipeline.metric_note({})
+    cls_note = MMSPipeline.metric_note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
+    assert "classification accuracy of the worst test centre" in cls_note and "Dice" not in cls_note
