@@ -19,7 +19,7 @@ Experiment YAML (relative paths resolve against the current working directory)::
       seed: 0                                       # synthesis seed
       options: {}                                   # fixed synthesize() options
       sweep: {minority_scale: [1.0, 0.25, 0.05]}    # data levels DATA_ROOT/<option>=<value>, each with its own teacher
-    metric_note: "..."                              # what the metrics mean (default: from the pipeline's name)
+    metric_note: "..."                              # what the metrics mean (default: the pipeline's metric_note)
 
 ``set``/``sweep``/``teacher_set`` keys are checked against the run-config schema; ``seed`` and ``pipeline`` (and
 ``method`` for students) are set by the experiment. Data-sweep levels are always synthesised when missing (into a
