@@ -545,7 +545,8 @@ class Writer:
         made: list[tuple[Path, str]] = []
         for lv in levels:
             suffix = f"__{lv}" if lv else ""
-            weighted = {k: runs for k, runs in variants.items() if k[0] == lv and read_group_weights(runs[0].run_dir)[0]}
+            weighted = {k: runs for k, runs in variants.items()
+                        if k[0] == lv and read_group_weights(runs[0].run_dir)[0]}
             if weighted:
                 png = self.out / "plots" / f"group_weights{suffix}.png"
                 plot_group_weights(png, weighted, f"Group weights over training {lv}".strip())

@@ -17,7 +17,6 @@ order plus HD95, clinical indices (on the ED row) and classification; predicted 
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -401,8 +400,8 @@ class MMSPipeline(Pipeline):
 
     @classmethod
     def metric_note(cls, cfg: dict[str, Any]) -> str:
-        group = (cfg.get("data") or {}).get("group_by", DEFAULTS["data"]["group_by"])
-        if (cfg.get("eval") or {}).get("metric", DEFAULTS["eval"]["metric"]) == "accuracy":
+        metric, group = _metric_and_grouping(cfg)
+        if metric == "accuracy":
             return (f"Worst-group metric: the subject-level pathology classification accuracy of the worst test "
                     f"{group}. Average metric: the accuracy over all test subjects. Per-case test: each subject "
                     f"scored 1 if its pathology was right, 0 if not.")
@@ -417,14 +416,12 @@ class MMSPipeline(Pipeline):
         path = Path(run_dir) / report.PER_CASE_FILE
         if not path.exists():
             return None
-        ecfg, dcfg = DEFAULTS["eval"], DEFAULTS["data"]
         cfg_path = Path(run_dir) / "config.yaml"
-        if cfg_path.exists():
-            cfg = yaml.safe_load(cfg_path.read_text()) or {}
-            ecfg, dcfg = {**ecfg, **(cfg.get("eval") or {})}, {**dcfg, **(cfg.get("data") or {})}
-        key = "Vendor" if dcfg["group_by"] == "vendor" else "Centre"
+        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
+        metric, group_by = _metric_and_grouping(cfg)
+        key = "Vendor" if group_by == "vendor" else "Centre"
         rows = read_per_case_csv(path)
-        if ecfg["metric"] == "accuracy":
+        if metric == "accuracy":
             return [(str(r["Name"]), str(r[key]), float(r["cls_correct"]))
                     for r in rows if not math.isnan(r.get("cls_correct", math.nan))]
         return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r)) for r in rows]
@@ -436,6 +433,12 @@ class MMSPipeline(Pipeline):
     @classmethod
     def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
         synthesize_release(out, seed, **options)
+
+
+def _metric_and_grouping(cfg: dict[str, Any]) -> tuple[str, str]:
+    """``(eval.metric, data.group_by)`` of a (possibly partial) run config, defaults filled in."""
+    return ((cfg.get("eval") or {}).get("metric", DEFAULTS["eval"]["metric"]),
+            (cfg.get("data") or {}).get("group_by", DEFAULTS["data"]["group_by"]))
 
 
 def prediction_dir(out_dir: Path, split: str) -> Path:
