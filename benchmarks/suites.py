@@ -26,7 +26,7 @@ from groupdistil.config import deep_merge
 from groupdistil.io import atomic_torch_save
 from groupdistil.pipeline import Pipeline
 from groupdistil.sampling import StepBatchSampler
-from groupdistil.teacher import CKPT_FORMAT
+from groupdistil.checkpoint import CKPT_FORMAT
 from groupdistil.trainer import Trainer, build_optimizer, seed_everything
 
 from timing import interleaved, median, paired_ratio, seconds_per_call, spread

@@ -2,7 +2,7 @@
 
     groupdistil run CONFIG.yaml --data-root DIR --out RUN_DIR [--method NAME] [--teacher PATH] [--seed N]
                     [--max-steps N] [--checkpoint-every N] [--set key=value ...] [--force] [--debug]
-    groupdistil synth {mms,waterbirds} --out DIR [--seed N]
+    groupdistil synth {mms,waterbirds} --out DIR [--seed N] [--option key=value ...] [--force]
     groupdistil compare EXPERIMENT.yaml --data-root DIR --out DIR
     groupdistil export RUN_DIR --format torchscript|onnx
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .config import ENGINE_DEFAULTS, deep_merge, load_yaml, parse_set, validate
 from .errors import UserError
-from .pipeline import Pipeline, get_pipeline, pipeline_classes
+from .pipeline import Pipeline, get_pipeline, pipeline_classes, synthesize_data
 
 
 def config_schema(pipeline_cls: type[Pipeline]) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     options = parse_set(args.option or [])
-    get_pipeline(args.pipeline).synthesize(Path(args.out), seed=args.seed, **options)
+    synthesize_data(get_pipeline(args.pipeline), Path(args.out), args.seed, options, force=args.force)
     print(f"wrote synthetic {args.pipeline} data to {args.out}", file=sys.stderr)
     return 0
 
@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int)
     r.add_argument("--checkpoint-every", type=int)
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01")
-    r.add_argument("--force", action="store_true", help="start the run folder over if its config differs")
-    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    r.add_argument("--force", action="store_true",
+                   help="start the run folder over: remove everything the run wrote there, then train")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
@@ -100,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a synthesis option, e.g. train_counts={A: 30, B: 3} (mms) or scale=0.1 (waterbirds)")
-    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    s.add_argument("--force", action="store_true",
+                   help="replace a synthetic data set written earlier into --out (never a folder with other content)")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     s.set_defaults(func=cmd_synth)
 
     for extra in _extra_commands:

@@ -45,14 +45,11 @@ import argparse
 import copy
 import csv
 import html
-import inspect
 import io
 import itertools
 import json
 import math
-import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,7 +60,7 @@ from .cli import config_schema, resolve_config
 from .config import deep_merge, load_yaml, validate
 from .errors import UserError
 from .io import atomic_path, atomic_write_text
-from .pipeline import Pipeline, get_pipeline
+from .pipeline import Pipeline, get_pipeline, synthesize_data, synthetic_incomplete
 from .report import (
     fmt,
     fmt_mean_std,
@@ -72,6 +69,7 @@ from .report import (
     md_table,
     write_report_pair,
 )
+from .rundir import FolderLock
 from .stats import PairedTest, mean_std, pair_cases, paired_t, wilcoxon_paired
 
 EXPERIMENT_SCHEMA: dict[str, Any] = {
@@ -292,26 +290,15 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
 
 # --- running -----------------------------------------------------------------------------------------------------
 def prepare_data(exp: Experiment, root: Path, level: dict[str, Any], pipeline_cls: type[Pipeline]) -> None:
-    """Synthesise a missing data root (always for a data-sweep level), atomically via a ``.partial`` folder."""
-    if root.exists():
+    """Synthesise a missing data root (always for a data-sweep level); an interrupted synthesis is redone."""
+    if root.exists() and not synthetic_incomplete(root):
         return
     if not (level or exp.synthesize_if_missing):
         raise UserError(f"{root}: data root does not exist (set data.synthesize_if_missing: true in {exp.path}, "
                         f"or make one with 'groupdistil synth {pipeline_cls.name} --out {root}')")
     options = {**exp.data_options, **level}
-    params = inspect.signature(pipeline_cls.synthesize).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        valid = [n for n in params if n not in ("out", "seed")]
-        for k in options:
-            if k not in valid:
-                raise UserError(f"{exp.path}: data option '{k}' is not an option of the {pipeline_cls.name} "
-                                f"pipeline's synthesize(); valid: {', '.join(valid) or '(none)'}")
     say(f"synthesising {pipeline_cls.name} data into {root} (seed {exp.data_seed}, options {options})")
-    tmp = root.with_name(f".{root.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    pipeline_cls.synthesize(tmp, seed=exp.data_seed, **options)
-    os.replace(tmp, root)
+    synthesize_data(pipeline_cls, root, exp.data_seed, options, force=True, source=f"{exp.path}: data option")
 
 
 def train_all(exp: Experiment, specs: list[RunSpec], pipeline_cls: type[Pipeline], out: Path) -> None:
@@ -677,9 +664,10 @@ def run_comparison(experiment: str | Path, data_root: str | Path, out: str | Pat
         pipeline_cls = get_pipeline(str(load_yaml(exp.student_config).get("pipeline")))
     out = Path(out).resolve()
     specs = plan_runs(exp, Path(data_root).resolve(), out, pipeline_cls)
-    train_all(exp, specs, pipeline_cls, out)
-    groups = read_results(specs)
-    path = Writer(exp, pipeline_cls, specs, groups, out).write()
+    with FolderLock(out, "comparison"):
+        train_all(exp, specs, pipeline_cls, out)
+        groups = read_results(specs)
+        path = Writer(exp, pipeline_cls, specs, groups, out).write()
     say(f"report: {path}")
     return path
 
@@ -695,5 +683,5 @@ def add_parser(sub: Any) -> None:
     c.add_argument("experiment", help="experiment YAML (see 'groupdistil.compare' docs for the keys)")
     c.add_argument("--data-root", required=True, help="dataset folder (or the parent of data-sweep levels)")
     c.add_argument("--out", required=True, help="comparison folder (rerun the same command to continue)")
-    c.add_argument("--debug", action="store_true", help="show tracebacks")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     c.set_defaults(func=cmd_compare)

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_checkpoint, load_model_from_checkpoint, resolve_checkpoint
 from .errors import UserError
 from .io import atomic_path, atomic_write_json
 from .pipeline import get_pipeline
-from .teacher import load_checkpoint, load_model_from_checkpoint, resolve_checkpoint
 
 
 class HeadsAsTuple(nn.Module):
@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> None:
     e = sub.add_parser("export", help="export the selected student of a run (TorchScript or ONNX)")
     e.add_argument("run_dir")
     e.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
-    e.add_argument("--debug", action="store_true", help="show tracebacks")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     e.set_defaults(func=cmd_export)
 
 

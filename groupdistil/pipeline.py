@@ -20,6 +20,7 @@ Training datasets are indexed by a key ``(index, seed)``: all randomness of the 
 from __future__ import annotations
 
 import abc
+import os
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -41,6 +42,9 @@ class Pipeline(abc.ABC):
     name: ClassVar[str]
     #: defaults of the pipeline's config sections: ``{"data": {...}, "model": {...}, "eval": {...}}``
     defaults: ClassVar[dict[str, dict[str, Any]]]
+    #: glob patterns of the files and folders a run of this pipeline writes into RUN_DIR besides the engine's own
+    #: (per-case tables, predictions, figures); ``run --force`` removes exactly these and the engine's
+    run_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         self.cfg = cfg
@@ -146,3 +150,66 @@ def get_pipeline(name: str) -> type[Pipeline]:
         valid = ", ".join(sorted(classes)) or "none installed (pip install -e .)"
         raise UserError(f"unknown pipeline '{name}'; valid: {valid}")
     return classes[name]
+
+
+SYNTH_MARKER = "SYNTHETIC_DATA.json"
+
+
+def synthesize_data(pipeline_cls: type[Pipeline], out: Path, seed: int = 0, options: dict[str, Any] | None = None,
+                    force: bool = False, source: str = "synth --option") -> None:
+    """Write a synthetic data set into ``out`` (new or empty), or, with ``force``, replace one written here earlier.
+
+    A folder with other content (a real release: its ``metadata.csv`` has the same name) is never written into. The
+    data set is made in ``out/.synth.partial`` and moved into place at the end; ``out/SYNTHETIC_DATA.json`` says
+    how it was made and whether it is complete, so an interrupted synthesis is recognised and redone.
+    """
+    import inspect
+    import json
+    import shutil
+
+    options = dict(options or {})
+    params = inspect.signature(pipeline_cls.synthesize).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in ("out", "seed")]
+        for k in options:
+            if k not in valid:
+                raise UserError(f"{source} '{k}' is not an option of the {pipeline_cls.name} synthesiser; "
+                                f"valid: {', '.join(valid) or '(none)'}")
+    out = Path(out)
+    marker = out / SYNTH_MARKER
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out}: not empty; synth writes only into a new or empty folder (use another --out, or "
+                            f"--force to replace a synthetic data set written there earlier)")
+        if not marker.is_file():
+            raise UserError(f"{out}: --force replaces only a data set written by 'groupdistil synth' (no "
+                            f"{SYNTH_MARKER} here); this folder is left as it is")
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"pipeline": pipeline_cls.name, "seed": seed, "options": options, "complete": False}
+    marker.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    tmp = out / ".synth.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipeline_cls.synthesize(tmp, seed=seed, **options)
+    except TypeError as e:  # an option of the wrong type deep in the synthesiser
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{source}: an option has a value of the wrong type ({e}); options: {options}") from None
+    for p in tmp.iterdir():
+        os.replace(p, out / p.name)
+    tmp.rmdir()
+    marker.write_text(json.dumps({**info, "complete": True}, indent=1, default=str) + "\n")
+
+
+def synthetic_incomplete(root: Path) -> bool:
+    """True when ``root`` holds a synthetic data set whose synthesis was interrupted."""
+    import json
+
+    marker = Path(root) / SYNTH_MARKER
+    try:
+        return marker.is_file() and not json.loads(marker.read_text()).get("complete", False)
+    except (OSError, ValueError):
+        return True

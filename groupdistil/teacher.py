@@ -1,58 +1,11 @@
-"""The frozen teacher: loaded from its run folder, run under inference mode, optionally cached."""
+"""The frozen teacher: a model run under inference mode, optionally cached (loading: :mod:`groupdistil.checkpoint`)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-
-from .errors import UserError
-
-CKPT_FORMAT = "groupdistil-checkpoint-v1"
-
-
-def resolve_checkpoint(path: str | Path, what: str = "teacher") -> Path:
-    """A run folder -> its selected checkpoint; a file -> itself."""
-    p = Path(path)
-    if p.is_dir():
-        ck = p / "checkpoints" / "best.pt"
-        if not ck.is_file():
-            raise UserError(f"{p}: no checkpoints/best.pt in this {what} run folder (did its run finish?)")
-        return ck
-    if not p.is_file():
-        raise UserError(f"{p}: {what} run folder or checkpoint not found")
-    return p
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any failure to read means the file cannot be trusted
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "model" not in ck or "config" not in ck:
-        raise UserError(f"{path}: not a GroupDistil checkpoint (missing format/model/config)")
-    return ck
-
-
-def load_model_from_checkpoint(path: str | Path, pipeline_cls: Any, what: str = "teacher") -> tuple[nn.Module, dict]:
-    """Build the model described by the checkpoint's own config and load its weights."""
-    ck_path = resolve_checkpoint(path, what)
-    ck = load_checkpoint(ck_path)
-    cfg = ck["config"]
-    if cfg.get("pipeline") != pipeline_cls.name:
-        raise UserError(f"{ck_path}: the {what} was trained with pipeline '{cfg.get('pipeline')}', "
-                        f"this run uses '{pipeline_cls.name}'")
-    model = pipeline_cls.model_for(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else "state dict mismatch"
-        detail = " ".join(str(e).split())[:200]
-        raise UserError(f"{ck_path}: the {what}'s weights do not fit the architecture of its config "
-                        f"({cfg['model']}): {first} {detail}") from None
-    return model, ck
 
 
 class Teacher:

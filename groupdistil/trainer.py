@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -29,16 +28,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
-from .config import config_hash, dump_yaml
+from .checkpoint import CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, rng_state, set_rng_state
+from .config import config_diff, config_hash, dump_yaml
 from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
 from .pipeline import Pipeline
+from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
 from .sampling import StepBatchSampler
-from .teacher import CKPT_FORMAT, Teacher, load_checkpoint, load_model_from_checkpoint
+from .teacher import Teacher
 
 LOG_KEYS_GROUP = ("group_loss", "group_count", "group_weight")
+#: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
+ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
+                  "report.md", "report.html", "export")
 
 
 def log(msg: str) -> None:
@@ -90,14 +94,6 @@ def build_scheduler(opt: torch.optim.Optimizer, t: dict[str, Any]) -> torch.opti
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def truncate_jsonl(path: Path, after_step: int) -> None:
-    """Drop the lines of steps > ``after_step`` (written after the checkpoint a run resumes from)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= after_step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 class StepLogger:
@@ -195,6 +191,8 @@ class Trainer:
             # load (and so check) the teacher before anything is written
             self.teacher_cpu, teacher_ck = load_model_from_checkpoint(teacher_path, pipeline_cls)
         self.pipeline = pipeline_cls(cfg, data_root)
+        if self.method_cls.needs_teacher:
+            self.check_teacher_heads(teacher_path)
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
         self.train_counts = list(self.pipeline.train_group_counts)
@@ -210,31 +208,80 @@ class Trainer:
                            "teacher": (f"{teacher_ck.get('run_hash')}@step{teacher_ck.get('step')}"
                                        if self.method_cls.needs_teacher else None)}
 
-    # --- run folder --------------------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> str:
-        """Returns 'new', 'resume' or 'done'. Refuses a folder made with another config unless --force."""
-        cfg_path = self.run_dir / "config.yaml"
-        h = config_hash(self.cfg, exclude=())
-        if cfg_path.exists():
-            import yaml
+    def check_teacher_heads(self, teacher_path: str) -> None:
+        """The teacher must give logits of the same number of classes for every head the student is trained on."""
+        shape = self.pipeline.preprocessing(self.cfg).get("input_shape")
+        if not shape:
+            return
+        with torch.inference_mode():
+            out = self.teacher_cpu.eval()(torch.zeros(1, *shape))
+        used = self.cfg["loss"]["heads"] or self.pipeline.heads
+        for head in used:
+            want = self.pipeline.heads.get(head)
+            got = out[head].shape[1] if head in out else None
+            if got != want:
+                have = {h: int(t.shape[1]) for h, t in out.items()}
+                raise UserError(f"{teacher_path}: the teacher's heads {have} do not match this run's "
+                                f"{dict(self.pipeline.heads)} (head '{head}': {got} vs {want} classes; was it trained "
+                                f"with other data.classes or model settings?)")
 
-            old = yaml.safe_load(cfg_path.read_text()) or {}
-            same = config_hash(old, exclude=()) == h
-            if not same and not self.force:
-                raise UserError(f"{self.run_dir}: this run folder was created with a different config or data "
-                                f"(see its config.yaml); use another --out or --force to start it over")
-            if not same or self.force:
-                if self.main:
-                    for name in ("checkpoints", "train_log.jsonl", "eval_log.jsonl", "metrics.json"):
-                        p = self.run_dir / name
-                        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            elif (self.run_dir / "metrics.json").exists():
-                return "done"
+    # --- run folder --------------------------------------------------------------------------------------------
+    def outputs(self) -> tuple[str, ...]:
+        """Glob patterns of everything a run writes into RUN_DIR (what ``--force`` removes, and only that)."""
+        return ENGINE_OUTPUTS + tuple(self.pipeline.run_outputs)
+
+    def shared_status(self) -> str:
+        """:meth:`prepare_run_dir` on the main process, its answer (or its error) given to every rank."""
+        answer: tuple[str, str] = ("", "")
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cfg_path, dump_yaml(self.cfg))
-        self.run_hash = h
-        return "resume" if (self.run_dir / "checkpoints" / "last.pt").exists() else "new"
+            try:
+                answer = (self.prepare_run_dir(), "")
+            except UserError as e:
+                answer = ("", str(e))
+        status, error = dist_utils.broadcast_object(answer)  # type: ignore[misc]
+        self.run_hash = config_hash(self.cfg, exclude=())
+        if error:
+            raise UserError(error)
+        return status
+
+    def prepare_run_dir(self) -> str:
+        """Returns 'new', 'resume' or 'done' (main process, with the folder locked). Refuses a folder made with another config
+        unless --force; a run interrupted before its first checkpoint starts over from nothing."""
+        cfg_path = self.run_dir / "config.yaml"
+        self.run_hash = config_hash(self.cfg, exclude=())
+        if not cfg_path.exists():
+            others = sorted(p.name for p in self.run_dir.iterdir() if p.name != LOCK_NAME)
+            if others and not self.force:
+                raise UserError(f"{self.run_dir}: not empty and not a run folder (no config.yaml; holds "
+                                f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); use a new --out")
+            remove_outputs(self.run_dir, self.outputs())
+            return "new"
+        import yaml
+
+        try:
+            old = yaml.safe_load(cfg_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            if not self.force:
+                raise UserError(f"{cfg_path}: unreadable ({type(e).__name__}); use --force to start the run "
+                                f"over") from None
+            old = {}
+        same = config_hash(old, exclude=()) == self.run_hash
+        if self.force or not same:
+            if not self.force:
+                diff = config_diff(old, self.cfg)
+                raise UserError(f"{self.run_dir}: this run folder was made with other settings ({diff}); use "
+                                f"another --out, or --force to start it over")
+            removed = remove_outputs(self.run_dir, self.outputs())
+            log(f"--force: removed {', '.join(removed) or 'nothing'} from {self.run_dir}")
+            return "new"
+        if (self.run_dir / "metrics.json").exists():
+            return "done"
+        remove_orphan_temporaries(self.run_dir)
+        if (self.run_dir / "checkpoints" / "last.pt").exists():
+            return "resume"
+        # killed before its first checkpoint: nothing to resume from, so nothing it wrote is kept
+        remove_outputs(self.run_dir, self.outputs(), keep=("config.yaml",))
+        return "new"
 
     # --- setup ---------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -290,8 +337,7 @@ class Trainer:
             "format": CKPT_FORMAT, "run_hash": self.run_hash, "step": step, "config": self.cfg,
             "model": self.student.state_dict(), "method": self.method_state(),
             "optimizer": self.method.optimizer.state_dict(), "scheduler": self.method.scheduler.state_dict(),
-            "best": self.best, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                       "python": random.getstate()},
+            "best": self.best, "rng": rng_state(),
         }
 
     def method_state(self) -> dict[str, Any]:
@@ -311,9 +357,7 @@ class Trainer:
         self.method.optimizer.load_state_dict(ck["optimizer"])
         self.method.scheduler.load_state_dict(ck["scheduler"])
         self.best = ck["best"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
+        set_rng_state(ck["rng"])
         return int(ck["step"])
 
     # --- evaluation ----------------------------------------------------------------------------------------------
@@ -343,12 +387,25 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any] | None:
-        status = self.prepare_run_dir()
-        if status == "done":
-            log(f"{self.run_dir}: already finished (metrics.json exists); nothing to do")
-            return None
-        t_start = time.time()
-        self.build()
+        """Train (or resume, or recognise as finished) the run, holding the run folder's lock throughout."""
+        lock = FolderLock(self.run_dir, "run") if self.main else nullcontext()
+        with lock:
+            status = self.shared_status()
+            if status == "done":
+                log(f"{self.run_dir}: already finished (metrics.json exists); nothing to do")
+                return None
+            try:
+                t_start = time.time()
+                self.build()
+                if status == "new" and self.main:
+                    atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
+            except BaseException:
+                if self.main and status == "new" and not (self.run_dir / "config.yaml").exists():
+                    lock.remove_if_empty()  # a failed setup leaves nothing that blocks the corrected rerun
+                raise
+            return self.train(status, t_start)
+
+    def train(self, status: str, t_start: float) -> dict[str, Any] | None:
         self.best: dict[str, Any] | None = None
         logger = StepLogger(self.run_dir / "train_log.jsonl", self.main)
         start = 0

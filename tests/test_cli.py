@@ -123,7 +123,7 @@ def test_bad_config_key_type_method_and_paths(wb_root, wb_teacher, tmp_path, cap
 def test_teacher_of_wrong_architecture(wb_root, wb_teacher, tmp_path, capsys):
     import torch
 
-    ck = torch.load(wb_teacher / "checkpoints" / "best.pt", weights_only=False)
+    ck = torch.load(wb_teacher / "checkpoints" / "best.pt", weights_only=True)
     ck["config"]["model"]["arch"] = "resnet50"
     torch.save(ck, tmp_path / "wrong.pt")
     _bad(capsys, tmp_path, str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--teacher",
@@ -149,3 +149,73 @@ def test_debug_shows_traceback(wb_root, tmp_path):
     r = subprocess.run(cli("run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out",
                            str(tmp_path / "x"), "--method", "dro", "--debug"), capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_debug_before_the_command_shows_traceback(wb_root, tmp_path):
+    r = subprocess.run(cli("--debug", "run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root),
+                           "--out", str(tmp_path / "x"), "--method", "dro"), capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_config_that_is_not_utf8(wb_root, tmp_path, capsys):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("pipeline: waterbirds\n# Zürich\n".encode("latin-1"))
+    _bad(capsys, tmp_path, str(cfg), "--data-root", str(wb_root), match=f"{cfg}: not UTF-8 text (undecodable byte "
+                                                                       f"0xfc at offset 24)")
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoints_run_nothing_and_exit_2(wb_root, wb_teacher, tmp_path, capsys):
+    """A crafted pickle, a torch.save'd payload, and a real best.pt with one extra payload entry: as --teacher, and
+    in a run folder given to export. Nothing runs (the marker file never appears); each is exit 2 with one line."""
+    import pickle
+    import shutil
+
+    import torch
+
+    marker = tmp_path / "PWNED"
+    plain, saved, extra = tmp_path / "plain.pt", tmp_path / "saved.pt", tmp_path / "extra.pt"
+    plain.write_bytes(pickle.dumps(_Payload(marker)))
+    torch.save({"model": _Payload(marker)}, saved)
+    ck = torch.load(wb_teacher / "checkpoints" / "best.pt", weights_only=True)
+    ck["extra"] = _Payload(marker)
+    torch.save(ck, extra)
+    for f in (plain, saved, extra):
+        _bad(capsys, tmp_path, str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--method", "kd",
+             "--teacher", str(f), match=f"{f}: refused: not a GroupDistil checkpoint")
+        run_dir = tmp_path / f"run_{f.stem}"
+        shutil.copytree(wb_teacher, run_dir)
+        shutil.copy(f, run_dir / "checkpoints" / "best.pt")
+        code, err = run_main(capsys, "export", str(run_dir))
+        assert code == 2 and "refused" in err and "Traceback" not in err, err
+    assert not marker.exists()
+
+
+def test_synth_never_writes_into_a_folder_with_other_content(tmp_path, capsys):
+    real = tmp_path / "waterbird_complete95_forest2water2"
+    real.mkdir()
+    (real / "metadata.csv").write_text("img_id,img_filename,y,split,place,place_filename\n")
+    before = (real / "metadata.csv").read_bytes()
+    for extra in ([], ["--force"]):
+        code, err = run_main(capsys, "synth", "waterbirds", "--out", str(real), "--option", "scale=0.01", *extra)
+        assert code == 2 and str(real) in err, err
+        assert sorted(p.name for p in real.iterdir()) == ["metadata.csv"]
+        assert (real / "metadata.csv").read_bytes() == before
+    # a synthetic data set written earlier is replaced with --force, and only then
+    out = tmp_path / "synth"
+    opts = ["--option", "scale=0.01", "--option", "min_size=40", "--option", "max_size=48"]
+    assert run_main(capsys, "synth", "waterbirds", "--out", str(out), *opts)[0] == 0
+    code, err = run_main(capsys, "synth", "waterbirds", "--out", str(out), *opts, "--seed", "1")
+    assert code == 2 and "not empty" in err
+    (out / "stale.txt").write_text("x")
+    assert run_main(capsys, "synth", "waterbirds", "--out", str(out), *opts, "--seed", "1", "--force")[0] == 0
+    assert not (out / "stale.txt").exists() and json.loads((out / "SYNTHETIC_DATA.json").read_text())["complete"]
+    code, err = run_main(capsys, "synth", "mms", "--out", str(real))
+    assert code == 2 and "not empty" in err

@@ -47,12 +47,12 @@ class ToyDataset(Dataset):
 
 
 class ToyNet(nn.Module):
-    def __init__(self, width: int = 8) -> None:
+    def __init__(self, width: int = 8, n_cls: int = 2) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
                                   nn.ReLU())
         self.seg = nn.Conv2d(width, 3, 1)
-        self.cls = nn.Linear(width, 2)
+        self.cls = nn.Linear(width, n_cls)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.body(x)
@@ -62,7 +62,8 @@ class ToyNet(nn.Module):
 class ToyPipeline(Pipeline):
     name = "toy"
     defaults: dict[str, dict[str, Any]] = {"data": {"n_train": 192, "augment": False},
-                                           "model": {"width": 8}, "eval": {}}
+                                           "model": {"width": 8, "n_cls": 2}, "eval": {}}
+    run_outputs = ("toy_*.json",)
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         super().__init__(cfg, data_root)
@@ -89,10 +90,14 @@ class ToyPipeline(Pipeline):
 
     @property
     def heads(self) -> dict[str, int]:
-        return {"seg": 3, "cls": 2}
+        return {"seg": 3, "cls": self.cfg["model"]["n_cls"]}
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        return ToyNet(model_cfg["width"])
+        return ToyNet(model_cfg["width"], model_cfg["n_cls"])
+
+    @classmethod
+    def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        return {"input_shape": [1, 16, 16]}
 
     def evaluate(self, predict, split, out_dir=None, teacher=None) -> dict[str, Any]:
         d = self.splits[split]

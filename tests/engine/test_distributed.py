@@ -29,9 +29,9 @@ def test_two_rank_run_matches_single_process(tmp_path):
     launch(tmp_path / "teacher", 1)
     launch(tmp_path / "single", 1, tmp_path / "teacher")
     launch(tmp_path / "ddp", 2, tmp_path / "teacher")
-    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=False)
-    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=False)
-    single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=False)
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    single = torch.load(tmp_path / "single" / "rank0.pt", weights_only=True)
     assert r0["world"] == 2 and r1["world"] == 2
     assert torch.equal(r0["q"], r1["q"])  # identical on both ranks
     torch.testing.assert_close(r0["q"], single["q"], rtol=1e-5, atol=1e-6)

@@ -93,7 +93,7 @@ def test_resume_from_checkpoint_gives_identical_metrics(toy_cfg, tmp_path):
 def test_changed_config_is_refused_unless_forced(toy_cfg, tmp_path):
     run(toy_cfg, tmp_path / "r")
     other = deep_merge(toy_cfg, {"train": {"lr": 0.01}})
-    with pytest.raises(UserError, match="different config"):
+    with pytest.raises(UserError, match=r"other settings \(train.lr: 0.05 -> 0.01\)"):
         run(other, tmp_path / "r")
     assert run(other, tmp_path / "r", force=True) is not None
 
@@ -104,7 +104,7 @@ def test_distillation_without_teacher_is_a_clear_error(toy_cfg, tmp_path):
 
 
 def test_teacher_of_wrong_architecture_is_refused(toy_cfg, teacher_dir, tmp_path):
-    ck = torch.load(teacher_dir / "checkpoints" / "best.pt", weights_only=False)
+    ck = torch.load(teacher_dir / "checkpoints" / "best.pt", weights_only=True)
     ck["config"]["model"]["width"] = 5  # the weights no longer fit the declared architecture
     torch.save(ck, tmp_path / "bad.pt")
     with pytest.raises(UserError, match="do not fit"):

@@ -1,0 +1,127 @@
+"""Run folders (a run's RUN_DIR, a comparison's OUT): one writer at a time, and nothing stale left behind.
+
+- :class:`FolderLock`: an exclusive ``fcntl.flock`` on ``<folder>/.groupdistil.lock`` held for the whole command.
+  The kernel releases it when the process ends, however it ends, so a killed run never blocks its rerun; a second
+  process asking for it gets a one-line error naming the folder and the PID that holds it.
+- :func:`remove_outputs`: what ``--force`` (and a restart before the first checkpoint) removes: the files the run
+  writes, named by the engine and the pipeline, and nothing else.
+- :func:`truncate_jsonl` and :func:`remove_orphan_temporaries`: a resumed run's logs end at its checkpoint, a
+  torn last line is dropped, and temporary files of an interrupted atomic write are deleted.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+from .io import TMP_MARK, atomic_write_text
+
+LOCK_NAME = ".groupdistil.lock"
+
+
+class FolderLock:
+    """``with FolderLock(folder, "run"):`` holds an exclusive lock on ``folder`` (created if missing).
+
+    ``created`` tells whether this lock made the folder (so a failed setup can remove what it made).
+    """
+
+    def __init__(self, folder: Path, what: str = "run") -> None:
+        self.folder, self.what = Path(folder), what
+        self.fh = None
+        self.created = False
+
+    def __enter__(self) -> "FolderLock":
+        self.created = not self.folder.exists()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.folder}: cannot create the {self.what} folder ({e.strerror})") from None
+        path = self.folder / LOCK_NAME
+        self.fh = open(path, "a+")
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "unknown"
+            self.fh.close()
+            self.fh = None
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UserError(f"{self.folder}: this {self.what} folder is in use by another groupdistil process "
+                                f"(PID {holder}); wait for it to finish or use another --out") from None
+            raise
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"{os.getpid()}\n")
+        self.fh.flush()
+        return self
+
+    def release(self) -> None:
+        # the lock file stays: unlinking it would let a process that opened it just before lock a deleted inode
+        if self.fh is not None:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def remove_if_empty(self) -> None:
+        """After a failed setup: remove the folder if this lock created it and nothing else is in it."""
+        if self.created and self.folder.is_dir() and not [p for p in self.folder.iterdir() if p.name != LOCK_NAME]:
+            self.release()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def remove_outputs(folder: Path, patterns: Iterable[str], keep: Iterable[str] = ()) -> list[str]:
+    """Delete the entries of ``folder`` matching ``patterns`` (glob, top level only), except the names in ``keep``.
+
+    Returns the removed names. Entries the run does not write (a user's notes, the lock) are never touched.
+    """
+    keep = set(keep) | {LOCK_NAME}
+    removed = []
+    for pattern in patterns:
+        for p in sorted(folder.glob(pattern)):
+            if p.name in keep or p.parent != folder:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def remove_orphan_temporaries(folder: Path) -> list[Path]:
+    """Delete temporary files that an atomic write killed midway left in ``folder`` and its subfolders."""
+    found = [p for p in folder.rglob(f".*{TMP_MARK}*") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL log; a torn (unparseable) line, as a kill during a write leaves, is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
+
+
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Keep the records of steps <= ``after_step`` (those written up to the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    keep = [r for r in read_jsonl(path) if r["step"] <= after_step]
+    if keep:
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    else:
+        path.unlink()
