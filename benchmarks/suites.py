@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
-from groupdistil.cli import resolve_config
+from groupdistil.config import resolve_config
 from groupdistil.config import deep_merge
 from groupdistil.io import atomic_torch_save
 from groupdistil.pipeline import Pipeline

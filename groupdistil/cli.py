@@ -13,39 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ENGINE_DEFAULTS, deep_merge, load_yaml, parse_set, validate
+from .config import parse_set, resolve_config
 from .errors import UserError
-from .pipeline import Pipeline, get_pipeline, pipeline_classes, synthesize_data
-
-
-def config_schema(pipeline_cls: type[Pipeline]) -> dict[str, Any]:
-    """Every valid key of a run config of this pipeline, with its default."""
-    from .methods import method_arg_defaults
-
-    return deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **pipeline_cls.defaults})
-
-
-def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None,
-                   pipeline_cls: type[Pipeline] | None = None, source: str = "command line") -> dict[str, Any]:
-    """Load a run config, check it against the declared defaults, apply overrides, fill every default.
-
-    ``pipeline_cls`` (tests, experiments) must match the config's ``pipeline``; by default it is looked up by name.
-    """
-    user = load_yaml(path)
-    name = user.get("pipeline")
-    if not name:
-        raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(sorted(pipeline_classes()))})")
-    if pipeline_cls is None:
-        pipeline_cls = get_pipeline(name)
-    elif name != pipeline_cls.name:
-        raise UserError(f"{path}: pipeline '{name}' but this run uses '{pipeline_cls.name}'")
-    schema = config_schema(pipeline_cls)
-    validate(user, schema, str(path))
-    cfg = deep_merge(schema, user)
-    if overrides:
-        validate(overrides, schema, source)
-        cfg = deep_merge(cfg, overrides)
-    return cfg
+from .pipeline import get_pipeline, synthesize_data
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -58,7 +28,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every)):
         if value is not None:
             overrides.setdefault("train", {})[key] = value
-    cfg = resolve_config(args.config, overrides)
+    notes: list[str] = []
+    cfg = resolve_config(args.config, overrides, notes=notes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     data_root = Path(args.data_root)
     if not data_root.exists():
         raise UserError(f"{data_root}: data root does not exist (make a synthetic one with "

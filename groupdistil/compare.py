@@ -56,8 +56,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .cli import config_schema, resolve_config
-from .config import deep_merge, load_yaml, validate
+from .config import (
+    check_ranges,
+    config_schema,
+    deep_merge,
+    load_yaml,
+    resolve_config,
+    select_method_args,
+    validate,
+)
 from .errors import UserError
 from .io import atomic_path, atomic_write_text
 from .pipeline import Pipeline, get_pipeline, synthesize_data, synthetic_incomplete
@@ -252,25 +259,21 @@ class RunSpec:
         return " ".join(filter(None, [self.method, label(self.params, " ")]))
 
 
-def resolve_run_config(path: Path, pipeline_cls: type[Pipeline], overrides: dict[str, Any], source: str) -> dict[str, Any]:
-    return resolve_config(path, overrides, pipeline_cls, source)
-
-
 def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pipeline]) -> list[RunSpec]:
     """Every run of the grid, each data level's teacher first, then students seed by seed."""
     from .methods import METHODS
 
     src = str(exp.path)
-    student = resolve_run_config(exp.student_config, pipeline_cls, nest(exp.set), f"{src}: key 'set'")
+    students = {m: resolve_config(exp.student_config, deep_merge(nest(exp.set), {"method": m}), pipeline_cls,
+                                  f"{src}: key 'set'", strict_method_args=False) for m in exp.methods}
     variants = expand_grid(exp.sweep)
     schema = config_schema(pipeline_cls)
     for params in variants:
         validate(nest(params), schema, f"{src}: key 'sweep'")
     teacher = None
     if exp.teacher_config is not None:
-        teacher = resolve_run_config(exp.teacher_config, pipeline_cls,
-                                     deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed}),
-                                     f"{src}: key 'teacher_set'")
+        teacher = resolve_config(exp.teacher_config, deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed}),
+                                 pipeline_cls, f"{src}: key 'teacher_set'")
     specs: list[RunSpec] = []
     for level in expand_grid(exp.data_sweep):
         root, lout = (data_root / label(level), out / label(level)) if level else (data_root, out)
@@ -281,7 +284,9 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
             for method in exp.methods:
                 needs = METHODS.get(method).needs_teacher
                 for params in variants if method in exp.sweep_methods else [{}]:
-                    cfg = deep_merge(student, {"method": method, "seed": seed, **nest(params)})
+                    cfg = deep_merge(students[method], {"seed": seed, **nest(params)})
+                    select_method_args(cfg, nest(params).get("method_args") or {}, f"{src}: key 'sweep'")
+                    check_ranges(cfg, f"{src}: key 'sweep'")
                     name = "__".join(filter(None, [method, label(params), f"seed={seed}"]))
                     specs.append(RunSpec(method, seed, params, level, cfg, lout / "runs" / name, root,
                                          tdir if needs else None))

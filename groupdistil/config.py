@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,42 @@ ENGINE_DEFAULTS: dict[str, Any] = {
 _FREE_MAPPINGS = {("loss", "heads"), ("data", "splits"), ("data", "class_map")}
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML 1.2 floats (``1e-3`` is a number, as in YAML 1.2 and JSON) and no duplicated keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"{self.name}: key '{key}' appears twice in one mapping (lines {seen[key]} and "
+                                f"{key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def yaml_load(text: str, name: str = "<string>") -> Any:
+    """Parse YAML like ``yaml.safe_load``, with the strict loader above; ``name`` appears in its errors."""
+    loader = _StrictLoader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(read_text(path))
+        data = yaml_load(read_text(path), str(path))
     except yaml.YAMLError as e:
         raise UserError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -88,7 +119,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise UserError(f"--set {item}: expected key=value (e.g. train.lr=0.01)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml_load(raw, f"--set {item}")
         except yaml.YAMLError:
             value = raw
         node = out
@@ -176,3 +207,120 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
     return "; ".join(parts)
+
+
+# --- resolution: a config file + overrides -> the full, checked config of one run ---------------------------------
+def config_schema(pipeline_cls: Any) -> dict[str, Any]:
+    """Every key a run config of this pipeline may set, with its default (``method_args``: every method's keys)."""
+    from .methods import method_arg_defaults
+
+    return deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **pipeline_cls.defaults})
+
+
+def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None, pipeline_cls: Any = None,
+                   source: str = "command line", notes: list[str] | None = None,
+                   strict_method_args: bool = True) -> dict[str, Any]:
+    """Load a run config, check it against the declared defaults, apply overrides, fill every default, check ranges.
+
+    ``pipeline_cls`` (tests, experiments) must match the config's ``pipeline``; by default it is looked up by name.
+    ``method_args`` keys in ``overrides`` must belong to the selected method (unless ``strict_method_args`` is
+    false: an experiment's ``set`` applies to every method); keys the selected method does not use are otherwise
+    left out of the run's config and named in ``notes`` (when a list is given).
+    """
+    from .pipeline import get_pipeline, pipeline_classes
+
+    user = load_yaml(path)
+    name = user.get("pipeline")
+    if not name:
+        raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(sorted(pipeline_classes()))})")
+    if pipeline_cls is None:
+        pipeline_cls = get_pipeline(name)
+    elif name != pipeline_cls.name:
+        raise UserError(f"{path}: pipeline '{name}' but this run uses '{pipeline_cls.name}'")
+    schema = config_schema(pipeline_cls)
+    validate(user, schema, str(path))
+    overrides = overrides or {}
+    validate(overrides, schema, source)
+    cfg = deep_merge(deep_merge(schema, user), overrides)
+    cfg["method_args"] = {**(user.get("method_args") or {}), **(overrides.get("method_args") or {})}
+    explicit = (overrides.get("method_args") or {}) if strict_method_args else {}
+    dropped = select_method_args(cfg, explicit=explicit, source=source)
+    if notes is not None:
+        notes += [f"{path}: method_args.{k} is not a hyperparameter of method '{cfg['method']}' (left out of this "
+                  f"run's config)" for k in dropped]
+    check_ranges(cfg, source)
+    return cfg
+
+
+def select_method_args(cfg: dict[str, Any], explicit: dict[str, Any], source: str) -> list[str]:
+    """Make ``cfg["method_args"]`` exactly the selected method's hyperparameters (defaults filled, ranges checked).
+
+    A key in ``explicit`` that the method does not have is an error listing its valid keys; other unknown keys are
+    removed and returned (so the run hash covers what the method uses and nothing else).
+    """
+    from .methods import METHODS
+
+    try:
+        method_cls = METHODS.get(cfg["method"])
+    except KeyError as e:
+        raise UserError(f"{source}: {str(e).strip(chr(34) + chr(39))}") from None
+    spec = method_cls.hparams_spec
+    valid = ", ".join(sorted(spec)) or "(none)"
+    for k in explicit:
+        if k not in spec:
+            raise UserError(f"{source}: method_args.{k} is not a hyperparameter of method '{cfg['method']}'; "
+                            f"valid: {valid}")
+    given = cfg.get("method_args") or {}
+    dropped = sorted(k for k in given if k not in spec)
+    args = {**method_cls.defaults(), **{k: v for k, v in given.items() if k in spec}}
+    for k, v in args.items():
+        why = spec[k].problem(v)
+        if why:
+            raise UserError(f"{source}: method_args.{k} {why} (got {v!r})")
+    cfg["method_args"] = args
+    return dropped
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+#: allowed values of engine keys: (dotted key, test, what is allowed)
+RANGES: list[tuple[str, Any, str]] = [
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+    ("loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("loss.tau", _positive, "> 0"),
+    ("loss.lambda_dice", lambda v: v >= 0, ">= 0"),
+    ("loss.lambda_ce", lambda v: v >= 0, ">= 0"),
+    ("loss.lambda_kd", lambda v: v >= 0, ">= 0"),
+    ("train.max_steps", lambda v: v >= 1, ">= 1"),
+    ("train.batch_size", lambda v: v >= 1, ">= 1"),
+    ("train.optimizer", lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
+    ("train.lr", _positive, "> 0"),
+    ("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.schedule", lambda v: v in ("constant", "cosine", "linear"), "constant, cosine or linear"),
+    ("train.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 disables)"),
+    ("train.eval_every", lambda v: v >= 1, ">= 1"),
+    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.num_workers", lambda v: v >= 0, ">= 0"),
+    ("train.num_threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
+    ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    ("train.teacher_cache", lambda v: v in ("auto", "off"), "auto or off"),
+]
+
+
+def check_ranges(cfg: dict[str, Any], source: str) -> None:
+    """Every engine value in its allowed range (types were checked by :func:`validate`); one error naming the key."""
+    import math
+
+    flat = flatten(cfg)
+    for key, ok, allowed in RANGES:
+        if key not in flat or flat[key] is None:
+            continue
+        v = flat[key]
+        finite = not isinstance(v, float) or math.isfinite(v)
+        if not finite or not ok(v):
+            raise UserError(f"{source}: {key} = {v!r} is not allowed; it must be {allowed}")

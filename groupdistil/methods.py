@@ -16,7 +16,9 @@ Adding a method means adding a class here with ``@METHODS.register(name)``; the 
 """
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, ContextManager
 
 import torch
@@ -31,12 +33,39 @@ METHODS: Registry[type["Method"]] = Registry("method")
 TeacherFn = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
+@dataclass(frozen=True)
+class HParam:
+    """A method hyperparameter (a key of ``method_args``): its default (which also fixes its type) and its range."""
+
+    default: Any
+    low: float | None = None  # inclusive bounds of a number
+    high: float | None = None
+    doc: str = ""
+
+    def problem(self, value: Any) -> str:
+        """Why ``value`` is not allowed ("" when it is)."""
+        if isinstance(self.default, bool):
+            return "" if isinstance(value, bool) else "must be true or false"
+        if isinstance(self.default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return "must be a number"
+            if self.low is not None and value < self.low:
+                return f"must be >= {self.low}"
+            if self.high is not None and value > self.high:
+                return f"must be <= {self.high}"
+        return ""
+
+
 class Method(nn.Module):
-    """Base class. Subclasses set ``needs_teacher``, ``defaults`` and override ``aggregate``."""
+    """Base class. Subclasses set ``needs_teacher``, ``hparams_spec`` and override ``aggregate``."""
 
     needs_teacher: ClassVar[bool] = False
-    #: method hyperparameters (``method_args`` in a config) and their defaults
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: the method's hyperparameters (``method_args`` in a config), declared with their defaults and ranges
+    hparams_spec: ClassVar[dict[str, HParam]] = {}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {k: p.default for k, p in cls.hparams_spec.items()}
 
     def __init__(self, student: nn.Module, criterion: TaskLoss, n_groups: int, train_counts: list[int],
                  hparams: dict[str, Any], teacher: TeacherFn | None = None) -> None:
@@ -47,7 +76,11 @@ class Method(nn.Module):
         self.criterion = criterion
         self.n_groups = n_groups
         self.train_counts = list(train_counts)
-        self.hparams = {**self.defaults, **{k: v for k, v in hparams.items() if k in self.defaults}}
+        unknown = sorted(set(hparams) - set(self.hparams_spec))
+        if unknown:
+            raise ValueError(f"method '{self.name}' has no hyperparameter {unknown}; valid: "
+                             f"{sorted(self.hparams_spec) or '(none)'}")
+        self.hparams = {**self.defaults(), **hparams}
         self.teacher = teacher if self.needs_teacher else None
         # set by the trainer (defaults make the method usable on its own, e.g. in tests)
         self.optimizer: torch.optim.Optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
@@ -102,7 +135,11 @@ class Method(nn.Module):
 class _GroupWeighted(Method):
     """Aggregation by exponentiated-gradient group weights (see :mod:`groupdistil.weighting`)."""
 
-    defaults: ClassVar[dict[str, Any]] = {"eta": 0.01, "adj_c": 0.0, "normalize_loss": False}
+    hparams_spec: ClassVar[dict[str, HParam]] = {
+        "eta": HParam(0.01, low=0.0, doc="EG step size"),
+        "adj_c": HParam(0.0, low=0.0, doc="generalisation adjustment C / sqrt(n_g), in the update only"),
+        "normalize_loss": HParam(False, doc="divide the (adjusted) group losses by their sum before the step"),
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -149,8 +186,8 @@ class GroupDistil(_GroupWeighted):
 
 
 def method_arg_defaults() -> dict[str, Any]:
-    """Union of every registered method's hyperparameters (the valid keys of ``method_args``)."""
+    """Union of every registered method's hyperparameters (the keys a config file's ``method_args`` may hold)."""
     out: dict[str, Any] = {}
     for name in METHODS.names():
-        out.update(METHODS.get(name).defaults)
+        out.update(METHODS.get(name).defaults())
     return out

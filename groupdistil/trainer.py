@@ -196,6 +196,12 @@ class Trainer:
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
         self.train_counts = list(self.pipeline.train_group_counts)
+        n_train, bs, world = sum(self.train_counts), self.t["batch_size"], dist_utils.world_size()
+        if bs > n_train:
+            raise UserError(f"train.batch_size = {bs} is larger than the training set ({n_train} samples under "
+                            f"{data_root})")
+        if bs % world:
+            raise UserError(f"train.batch_size = {bs} must be divisible by the number of processes ({world})")
         for name, n in zip(self.cfg["groups"], self.train_counts):
             if n == 0:
                 log(f"warning: group '{name}' has no training samples; its weight stays defined and only changes "

@@ -6,7 +6,9 @@ Per-group minibatch means come from a one-hot product (no Python loop over sampl
 
 and the weights take one EG step on the groups present in the batch, then are renormalised::
 
-    q_g <- q_g * exp(eta * (l_g + C / sqrt(n_g)))   if N_g > 0   (else exp(0): unchanged before renormalising)
+    a_g = l_g + C / sqrt(n_g)                        (the generalisation adjustment; C = 0 disables it)
+    a_g <- a_g / sum_{h: N_h > 0} a_h                (only with normalize_loss: after the adjustment, as group_DRO)
+    q_g <- q_g * exp(eta * a_g)   if N_g > 0         (else exp(0): unchanged before renormalising)
     q   <- q / sum(q)
 
 with ``n_g`` the training count of group ``g`` (the generalisation adjustment, C = 0 disables it). The adjustment
@@ -63,11 +65,11 @@ class GroupWeights(nn.Module):
     @torch.no_grad()
     def step(self, group_loss: Tensor, counts: Tensor) -> Tensor:
         """One EG step from per-group mean losses and counts (both ``(G,)``); returns the new ``q``."""
-        loss = group_loss.detach().float()
-        if self.normalize_loss:
-            loss = loss / loss.sum().clamp_min(1e-12)
         present = counts > 0
-        update = torch.where(present, self.eta * (loss + self.adj), torch.zeros_like(loss))
+        loss = group_loss.detach().float() + self.adj
+        if self.normalize_loss:  # as group_DRO's loss.py: the adjusted losses of the present groups, summing to 1
+            loss = loss / torch.where(present, loss, torch.zeros_like(loss)).sum().clamp_min(1e-12)
+        update = torch.where(present, self.eta * loss, torch.zeros_like(loss))
         self.log_q.add_(update)
         self.log_q.sub_(torch.logsumexp(self.log_q, 0))
         return self.q

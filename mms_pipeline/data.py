@@ -18,7 +18,14 @@ columns): without it ``Subject.pathology`` is ``None``. ``ED``/``ES`` are 0-base
 assume 0: Philips ED is often the last frames). Gaps in ``Height``/``Weight`` are fine (never read).
 
 Every CSV row must have a folder on disk and every folder a CSV row; each problem raises a one-line
-:class:`~groupdistil.errors.UserError` naming the subject and the file.
+:class:`~groupdistil.errors.UserError` naming the subject and the file. The CSV must be UTF-8 (a byte-order mark is
+fine); an undecodable byte is reported with its offset and line.
+
+Every NIfTI file is checked when the release is read (:func:`read_subjects`, headers only): 4-D, no zero-size
+dimension, ED/ES inside the time axis, a finite and non-singular affine, spatial voxel sizes (header pixdim and
+affine) within :data:`SPACING_RANGE_MM`, and a label of the image's shape and affine (within
+:data:`AFFINE_ATOL_MM`). The voxels are checked when they are loaded (:func:`load_volumes`, once per file: the
+pipeline keeps what it loads): finite image values, labels in {0, 1, 2, 3}.
 
 Splits (``data.splits``):
 
@@ -38,9 +45,11 @@ count is 0).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -72,6 +81,13 @@ RELEASE_FOLDERS = {
 }
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("vendor", "centre")
+#: sane spatial voxel sizes (mm): real M&Ms has 0.98-1.63 in-plane and 5-10 between slices; an absurd size makes the
+#: in-plane resampling allocate a huge grid
+SPACING_RANGE_MM = (0.1, 50.0)
+#: largest distance (mm) between where the image and its label put the same voxel (compared at the grid's corners)
+AFFINE_ATOL_MM = 1e-3
+#: smallest |det| of the affine's 3x3 part over the product of its column norms (1 for orthogonal voxel axes)
+MIN_NORMALISED_DET = 1e-3
 
 
 @dataclass(frozen=True)
@@ -123,14 +139,30 @@ def _int_field(value: str, code: str, column: str, path: Path) -> int:
     return int(number)
 
 
-def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows of the metadata CSV by subject code: ``{code: {vendor, centre, ed, es, pathology}}``."""
+def read_utf8_text(path: Path, what: str) -> str:
+    """The text of ``path`` decoded as UTF-8 (a leading byte-order mark dropped); an undecodable byte raises a
+    UserError naming the file, the byte, its offset in the file and its line."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the metadata CSV ({exc})") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise UserError(f"{path}: the {what} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
+                        f"(line {line}) cannot be decoded; save the file as UTF-8") from None
+
+
+def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of the metadata CSV by subject code: ``{code: {vendor, centre, ed, es, pathology}}``.
+
+    ``pathology`` is None when the CSV has no ``Pathology`` column and ``""`` when the subject's cell is empty."""
+    path = Path(path)
+    rows = list(csv.reader(io.StringIO(read_utf8_text(path, "metadata CSV"), newline="")))
     if not rows:
         raise UserError(f"{path}: the metadata CSV is empty")
     header = [name.strip() for name in rows[0]]
@@ -158,7 +190,7 @@ def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
             "centre": _int_field(cells["Centre"], code, "Centre", path),
             "ed": _int_field(cells["ED"], code, "ED", path),
             "es": _int_field(cells["ES"], code, "ES", path),
-            "pathology": cells.get("Pathology") or None,
+            "pathology": cells.get("Pathology"),  # None: no such column; "": empty cell
         }
     return records
 
@@ -183,27 +215,80 @@ def scan_release(root: Path) -> dict[str, tuple[str, Path]]:
     return found
 
 
-def _header_shape(path: Path, code: str) -> tuple[int, ...]:
+def _open_nifti(path: Path, code: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """The NIfTI image of ``path`` with only its header read (voxels stay on disk), and the spatial pixdim as
+    stored: nibabel replaces a zero pixdim by 1 when it loads a header, which would hide it."""
     try:
-        return tuple(int(n) for n in nib.load(path).shape)
+        img = nib.load(path)
+        _ = img.shape, img.affine
+        with nib.openers.ImageOpener(path) as fh:
+            raw = type(img.header).from_fileobj(fh, check=False)
+        pixdim = np.abs(np.asarray(raw["pixdim"][1:4], dtype=np.float64))
     except Exception as exc:  # nibabel raises many types for unreadable files
         raise UserError(f"subject {code}: {path}: unreadable NIfTI ({type(exc).__name__}: {exc})") from None
+    return img, pixdim
+
+
+def _fmt(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+def _check_geometry(img: nib.Nifti1Image, pixdim: np.ndarray, path: Path, code: str) -> None:
+    """Header-only checks of one 4-D file: no zero-size dimension, a finite, non-singular affine and sane spatial
+    voxel sizes, both in the header (pixdim: the evaluation's mm) and in the affine (what the resampling uses)."""
+    shape = tuple(int(n) for n in img.shape)
+    if 0 in shape:
+        raise UserError(f"subject {code}: {path}: zero-size dimension in shape {shape}")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise UserError(f"subject {code}: {path}: the affine (voxel-to-world matrix) has non-finite entries "
+                        f"(NaN/Inf)")
+    lo, hi = SPACING_RANGE_MM
+    for source, sizes in (("header pixdim", pixdim),
+                          ("from the affine", np.linalg.norm(affine[:3, :3], axis=0))):
+        sizes = np.asarray(sizes, dtype=np.float64)
+        if not ((sizes >= lo) & (sizes <= hi)).all():  # NaN fails too
+            raise UserError(f"subject {code}: {path}: voxel size {_fmt(sizes)} mm ({source}) is outside the sane "
+                            f"range {lo:g}..{hi:g} mm")
+    det = abs(float(np.linalg.det(affine[:3, :3]))) / float(np.prod(np.linalg.norm(affine[:3, :3], axis=0)))
+    if det < MIN_NORMALISED_DET:
+        raise UserError(f"subject {code}: {path}: the affine is singular (its voxel axes are almost linearly "
+                        f"dependent: |det| / product of voxel sizes = {det:.2g})")
+
+
+def _affine_distance(a: np.ndarray, b: np.ndarray, shape: Sequence[int]) -> float:
+    """Largest distance (mm) between the world positions ``a`` and ``b`` give the same voxel of a grid of
+    ``shape`` (the maximum over the grid is reached at a corner)."""
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    return float(np.linalg.norm(corners @ (np.asarray(a) - np.asarray(b))[:3].T, axis=1).max())
 
 
 def _check_files(code: str, ed: int, es: int, image: Path, label: Path | None) -> None:
-    """Header-level checks: 4-D image, label of the same shape, ED/ES inside the time axis."""
-    shape = _header_shape(image, code)
+    """Header-level checks: 4-D image with sane geometry, ED/ES inside the time axis, a label of the image's shape
+    and affine."""
+    img, pixdim = _open_nifti(image, code)
+    shape = tuple(int(n) for n in img.shape)
     if len(shape) != 4:
         raise UserError(f"subject {code}: {image}: expected a 4-D (x, y, slice, time) volume, got shape {shape}")
+    _check_geometry(img, pixdim, image, code)
     for name, t in (("ED", ed), ("ES", es)):
         if not 0 <= t < shape[3]:
             raise UserError(
                 f"subject {code}: {image}: {name} frame {t} is outside the time axis (0..{shape[3] - 1})"
             )
     if label is not None:
-        label_shape = _header_shape(label, code)
+        lab, _ = _open_nifti(label, code)
+        label_shape = tuple(int(n) for n in lab.shape)
         if label_shape != shape:
             raise UserError(f"subject {code}: {label}: label shape {label_shape} != image shape {shape}")
+        if not np.isfinite(np.asarray(lab.affine, dtype=np.float64)).all():
+            raise UserError(f"subject {code}: {label}: the affine (voxel-to-world matrix) has non-finite entries "
+                            f"(NaN/Inf)")
+        dist = _affine_distance(lab.affine, img.affine, shape)
+        if not dist <= AFFINE_ATOL_MM:
+            raise UserError(f"subject {code}: {label}: the label's affine differs from its image's ({image.name}): "
+                            f"the same voxel lies up to {dist:.3g} mm apart (tolerance {AFFINE_ATOL_MM:g} mm)")
 
 
 def read_subjects(root: Path, metadata_csv: str | None = None) -> list[Subject]:
@@ -233,13 +318,30 @@ def read_subjects(root: Path, metadata_csv: str | None = None) -> list[Subject]:
     return subjects
 
 
-def fingerprint(root: Path, metadata_csv: str | None = None) -> str:
-    """sha256 (16 hex) of the metadata CSV and the sorted relative names and sizes of all NIfTI files."""
+def file_digest(path: Path) -> str:
+    """sha256 (hex) of the full content of ``path`` (read in chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(root: Path, metadata_csv: str | None = None, subjects: Sequence[Subject] | None = None) -> str:
+    """sha256 (16 hex) of the metadata CSV's content and, for each NIfTI file, its relative path, size and content
+    hash. The files are those of ``subjects`` (the ones a run uses), or every subject folder's when None."""
     root = Path(root)
-    digest = hashlib.sha256(find_metadata_csv(root, metadata_csv).read_bytes())
-    for rel in RELEASE_FOLDERS:
-        for path in sorted((root / rel).glob("*/*.nii.gz")):
-            digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}\n".encode())
+    digest = hashlib.sha256(file_digest(find_metadata_csv(root, metadata_csv)).encode())
+    if subjects is None:
+        paths = sorted(p for rel in RELEASE_FOLDERS for p in (root / rel).glob("*/*.nii.gz"))
+    else:
+        paths = sorted(p for s in subjects for p in (s.image, s.label) if p is not None)
+    for path in paths:
+        try:
+            rel = path.relative_to(root).as_posix()
+        except ValueError:
+            rel = path.as_posix()
+        digest.update(f"{rel}:{path.stat().st_size}:{file_digest(path)}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -256,9 +358,39 @@ def _load_4d(path: Path, code: str) -> MetaTensor:
     return vol
 
 
+def _check_finite(vol: MetaTensor, path: Path, code: str) -> None:
+    """Refuse NaN/Inf voxels (they would end as a non-finite loss or a Dice of 0 far from the file)."""
+    arr = vol.numpy()
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        t, x, y, z = (int(i) for i in bad[0])  # time as channels
+        raise UserError(f"subject {code}: {path}: {len(bad)} non-finite voxel value(s) (NaN/Inf), the first at "
+                        f"voxel (x, y, z, t) = ({x}, {y}, {z}, {t})")
+
+
+def _check_label_values(vol: MetaTensor, path: Path, code: str) -> None:
+    """Refuse label values other than the integers 0..3 (NaN included)."""
+    arr = vol.numpy()
+    lo, hi = float(arr.min()), float(arr.max())  # NaN fails the range test below
+    if lo >= 0 and hi <= max(LABELS) and np.array_equal(arr, arr.astype(np.uint8)):
+        return  # the fast path: two reductions and one cast
+    ok = np.isin(arr, list(LABELS))
+    if not ok.all():
+        bad = np.unique(arr[~ok])
+        raise UserError(
+            f"subject {code}: {path}: label values {', '.join(f'{v:g}' for v in bad[:5])} outside {{0, 1, 2, 3}} "
+            f"(labels must be the integers 0 background, 1 LV, 2 MYO, 3 RV)"
+        )
+
+
 def load_volumes(subject: Subject) -> dict[str, MetaTensor]:
-    """The subject's 4-D volumes, time as channels: ``{"image": (T, X, Y, Z)[, "label": (T, X, Y, Z)]}``."""
+    """The subject's 4-D volumes, time as channels: ``{"image": (T, X, Y, Z)[, "label": (T, X, Y, Z)]}``.
+
+    The voxels are checked here (finite image values, labels in {0, 1, 2, 3}); the headers were checked by
+    :func:`read_subjects`. The pipeline keeps what it loads, so each file is checked once per run."""
     out = {"image": _load_4d(subject.image, subject.code)}
+    _check_finite(out["image"], subject.image, subject.code)
     if subject.label is not None:
         label = _load_4d(subject.label, subject.code)
         if label.shape != out["image"].shape:
@@ -266,13 +398,7 @@ def load_volumes(subject: Subject) -> dict[str, MetaTensor]:
                 f"subject {subject.code}: {subject.label}: label shape {tuple(label.shape)} != image shape "
                 f"{tuple(out['image'].shape)}"
             )
-        values = np.unique(label.numpy())
-        bad = values[~np.isin(values, list(LABELS))]
-        if bad.size:
-            raise UserError(
-                f"subject {subject.code}: {subject.label}: label values "
-                f"{', '.join(f'{v:g}' for v in bad[:5])} outside {{0, 1, 2, 3}}"
-            )
+        _check_label_values(label, subject.label, subject.code)
         out["label"] = label
     return out
 

@@ -101,6 +101,8 @@ class MMSPipeline(Pipeline):
     """M&Ms-1 as distributed (or :meth:`synthesize`'s synthetic copy); see the module docstrings for the details."""
 
     name = "mms"
+    #: what a run writes into RUN_DIR besides the engine's files (removed by ``run --force``)
+    run_outputs = ("per_case.csv", "per_case_*.csv", "predictions", "predictions_*", "examples.npz", "report_*.png")
     defaults = DEFAULTS
 
     # --- config ---------------------------------------------------------------------------------------------------
@@ -159,8 +161,11 @@ class MMSPipeline(Pipeline):
         """Index in ``data.classes`` of the subject's pathology (``class_map`` first, then 'other')."""
         classes = [str(c).lower() for c in self.dcfg["classes"]]
         if subject.pathology is None:
-            raise UserError(f"subject {subject.code}: {self.csv_path} has no 'Pathology' (older release?); "
+            raise UserError(f"subject {subject.code}: {self.csv_path} has no 'Pathology' column (older release?); "
                             "set model.classify: false")
+        if not subject.pathology:
+            raise UserError(f"subject {subject.code}: {self.csv_path}: the subject's 'Pathology' cell is empty; "
+                            "fill it in, or set model.classify: false")
         cmap = {str(k).lower(): str(v).lower() for k, v in (self.dcfg["class_map"] or {}).items()}
         name = cmap.get(subject.pathology.lower(), subject.pathology.lower())
         if name not in classes:
@@ -214,7 +219,17 @@ class MMSPipeline(Pipeline):
         return torch.bincount(self._train_set.group, minlength=len(self.group_names)).tolist()
 
     def train_dataset(self) -> SliceDataset:
-        return self._train_set
+        train = self._train_set
+        self.load_eval_cases()
+        return train
+
+    def load_eval_cases(self) -> None:
+        """Read (and so check) this rank's validation and test volumes now, before any training step: a bad file
+        stops the run at once instead of at the first validation or after training. They are kept (:meth:`case`),
+        as the evaluation would keep them."""
+        for split in ("val", "test"):
+            for i in shard(len(self.splits[split])):
+                self.case(split, i)
 
     def train_groups(self) -> torch.Tensor:
         return self._train_set.group.clone()
@@ -223,7 +238,9 @@ class MMSPipeline(Pipeline):
         return bool(self.dcfg["augment"])
 
     def fingerprint(self) -> str:
-        return data.fingerprint(self.data_root, self.dcfg["metadata_csv"])
+        """Content hash of the metadata CSV and of every NIfTI file of the train, val and test subjects."""
+        used = [s for subs in self.splits.values() for s in subs]
+        return data.fingerprint(self.data_root, self.dcfg["metadata_csv"], used)
 
     # --- models ---------------------------------------------------------------------------------------------------
     @property

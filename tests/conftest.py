@@ -12,10 +12,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 def toy_cfg():
     """A resolved config for the toy pipeline (tiny, CPU)."""
     from groupdistil.config import ENGINE_DEFAULTS, deep_merge
-    from groupdistil.methods import method_arg_defaults
     from toy_pipeline import ToyPipeline
 
-    cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **ToyPipeline.defaults})
+    cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": {}, **ToyPipeline.defaults})
     return deep_merge(cfg, {"pipeline": "toy", "train": {"max_steps": 12, "batch_size": 32, "lr": 0.05,
                                                           "eval_every": 6, "checkpoint_every": 6, "log_every": 4,
                                                           "device": "cpu"}})

@@ -12,15 +12,14 @@ torch.set_num_threads(1)
 
 from groupdistil import distributed as du  # noqa: E402
 from groupdistil.config import ENGINE_DEFAULTS, deep_merge  # noqa: E402
-from groupdistil.methods import method_arg_defaults  # noqa: E402
 from groupdistil.trainer import Trainer  # noqa: E402
 from toy_pipeline import ToyPipeline  # noqa: E402
 
 out = Path(sys.argv[1])
 teacher = sys.argv[2] if len(sys.argv) > 2 else None
-cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": method_arg_defaults(), **ToyPipeline.defaults})
+cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": {}, **ToyPipeline.defaults})
 cfg = deep_merge(cfg, {"pipeline": "toy", "method": "groupdistil" if teacher else "erm", "model": {"width": 4},
-                       "method_args": {"eta": 0.5},
+                       "method_args": {"eta": 0.5} if teacher else {},
                        "train": {"max_steps": 8, "batch_size": 32, "lr": 0.05, "momentum": 0.0, "eval_every": 4,
                                  "checkpoint_every": 4, "log_every": 4, "device": "cpu"}})
 trainer = Trainer(cfg, ToyPipeline, out, out, teacher_path=teacher)

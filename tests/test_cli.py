@@ -219,3 +219,62 @@ def test_synth_never_writes_into_a_folder_with_other_content(tmp_path, capsys):
     assert not (out / "stale.txt").exists() and json.loads((out / "SYNTHETIC_DATA.json").read_text())["complete"]
     code, err = run_main(capsys, "synth", "mms", "--out", str(real))
     assert code == 2 and "not empty" in err
+
+
+def test_method_args_belong_to_the_selected_method(wb_root, wb_teacher, tmp_path, capsys):
+    cfg = str(ROOT / "configs/waterbirds.yaml")
+    d = ["--data-root", str(wb_root), "--teacher", str(wb_teacher)]
+    _bad(capsys, tmp_path, cfg, *d, "--method", "kd", "--set", "method_args.eta=0.1",
+         match="method_args.eta is not a hyperparameter of method 'kd'; valid: (none)")
+    _bad(capsys, tmp_path, cfg, *d, "--method", "groupdistil", "--set", "method_args.etaa=0.1",
+         match="unknown config key 'method_args.etaa'; valid keys at method_args: adj_c, eta, normalize_loss")
+    _bad(capsys, tmp_path, cfg, *d, "--method", "groupdistil", "--set", "method_args.eta=-1",
+         match="method_args.eta must be >= 0.0 (got -1)")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--set", "train.batch_size=0"], "train.batch_size = 0 is not allowed; it must be >= 1"),
+    (["--set", "train.batch_size=100000"], "train.batch_size = 100000 is larger than the training set"),
+    (["--set", "train.eval_every=0"], "train.eval_every = 0 is not allowed; it must be >= 1"),
+    (["--set", "train.log_every=0"], "train.log_every = 0 is not allowed"),
+    (["--checkpoint-every", "0"], "train.checkpoint_every = 0 is not allowed"),
+    (["--max-steps", "0"], "train.max_steps = 0 is not allowed; it must be >= 1"),
+    (["--seed", "99999999999999999999"], "seed = 99999999999999999999 is not allowed"),
+    (["--seed", "-1"], "seed = -1 is not allowed"),
+    (["--set", "train=5"], "config key 'train' must be a mapping, got 5"),
+    (["--set", "train.lr=0"], "train.lr = 0 is not allowed; it must be > 0"),
+    (["--set", "train.lr=.inf"], "train.lr = inf is not allowed"),
+    (["--set", "train.optimizer=adam"], "train.optimizer = 'adam' is not allowed; it must be sgd or adamw"),
+    (["--set", "loss.alpha=1.5"], "loss.alpha = 1.5 is not allowed; it must be in [0, 1]"),
+    (["--set", "loss.tau=0"], "loss.tau = 0 is not allowed"),
+])
+def test_invalid_values_exit_2_before_anything_is_written(wb_root, tmp_path, capsys, args, match):
+    out = tmp_path / "r"
+    code, err = run_main(capsys, "run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(wb_root),
+                         "--out", str(out), *args)
+    assert code == 2 and err.startswith("error: ") and match in err, err
+    assert not out.exists()
+
+
+def test_scientific_notation_and_duplicate_keys(wb_root, tmp_path, capsys):
+    out = tmp_path / "sci"
+    assert main(["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(wb_root), "--out", str(out),
+                 *TINY, "--max-steps", "2", "--set", "train.lr=1e-3", "--set", "train.weight_decay=5E-4"]) == 0
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["lr"] == 0.001 and cfg["train"]["weight_decay"] == 0.0005
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("pipeline: waterbirds\ntrain:\n  lr: 0.1\n  lr: 0.2\n")
+    code, err = run_main(capsys, "run", str(dup), "--data-root", str(wb_root), "--out", str(tmp_path / "d"))
+    assert code == 2 and f"{dup}: key 'lr' appears twice in one mapping (lines 3 and 4)" in err, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_rerun_with_a_changed_value_names_the_key(wb_root, tmp_path, capsys):
+    out = tmp_path / "r"
+    base = ["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(wb_root), "--out", str(out),
+            *TINY, "--max-steps", "2"]
+    assert main(base) == 0
+    code, err = run_main(capsys, *base, "--set", "train.lr=0.5")
+    assert code == 2 and "made with other settings (train.lr: 0.01 -> 0.5)" in err, err

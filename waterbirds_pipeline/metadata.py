@@ -1,14 +1,17 @@
 """Waterbirds ``metadata.csv``: locating the data root, parsing and validating the table, groups.
 
 Columns ``img_id, img_filename, y, split, place, place_filename``; ``split`` 0/1/2 = train/val/test, ``y`` 1 =
-waterbird, ``place`` 1 = water. Group = 2 * y + place.
+waterbird, ``place`` 1 = water. Group = 2 * y + place. The file must be UTF-8 (a byte-order mark is fine);
+``img_filename`` must be a relative path inside the data folder (no absolute path, no ``..``).
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -39,9 +42,41 @@ def resolve_root(data_root: Path) -> Path:
     raise UserError(f"{data_root}: no {METADATA} here nor in {data_root / RELEASE_DIR}")
 
 
-def fingerprint(root: Path) -> str:
-    """Short hash of the content of ``metadata.csv``."""
-    return hashlib.sha256((Path(root) / METADATA).read_bytes()).hexdigest()[:12]
+def _file_digest(path: Path) -> str:
+    """sha256 (hex) of the full content of ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(root: Path, meta: Metadata | None = None) -> str:
+    """Short hash (12 hex) of the content of ``metadata.csv`` and, for every image it lists, the image's relative
+    path, size and content hash (so a replaced image changes it even when its name and size do not)."""
+    root = Path(root)
+    meta = read_metadata(root) if meta is None else meta
+    digest = hashlib.sha256(_file_digest(root / METADATA).encode())
+    for path in sorted(set(meta.path)):
+        digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}:{_file_digest(path)}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def read_utf8_text(path: Path) -> str:
+    """The text of ``path`` as UTF-8 (a leading byte-order mark dropped); an undecodable byte raises a UserError
+    naming the file, the byte, its offset in the file and its line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise UserError(f"{path}: the metadata CSV is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
+                        f"(line {line}) cannot be decoded; save the file as UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -88,14 +123,13 @@ def read_metadata(root: Path) -> Metadata:
     """Parse and validate ``root/metadata.csv`` (columns, values, image files exist); images are not decoded."""
     root = Path(root)
     csv_path = root / METADATA
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in COLUMNS if c not in header]
-        if missing:
-            raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; found: {', '.join(header)}")
-        reader.fieldnames = header
-        rows = [(reader.line_num, row) for row in reader]
+    reader = csv.DictReader(io.StringIO(read_utf8_text(csv_path), newline=""))
+    header = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}; found: {', '.join(header)}")
+    reader.fieldnames = header
+    rows = [(reader.line_num, row) for row in reader]
     if not rows:
         raise UserError(f"{csv_path}: no rows")
 
@@ -123,7 +157,18 @@ def _parse_row(root: Path, line: str, row: dict[str, str]) -> tuple[int, Path, i
     split = _int_field(row, "split", len(SPLITS), where)
     place = _int_field(row, "place", len(PLACE_NAMES), where)
     rel = (row.get("img_filename") or "").strip()
+    if rel and not _inside(rel):
+        raise UserError(f"{where}: img_filename '{rel}' must be a relative path inside the data folder {root} "
+                        f"(absolute paths and '..' are refused)")
     path = root / rel
     if not rel or not path.is_file():
         raise UserError(f"{where}: image file not found: {path}")
     return int(raw_id), path, y, split, place
+
+
+def _inside(rel: str) -> bool:
+    """Whether ``rel`` is a relative path that stays inside the folder it is joined to (POSIX or Windows style)."""
+    for pure in (PurePosixPath(rel), PureWindowsPath(rel)):
+        if pure.is_absolute() or pure.drive or pure.root or ".." in pure.parts:
+            return False
+    return True

@@ -30,6 +30,8 @@ class WaterbirdsPipeline(Pipeline):
     """Waterbirds (or its synthetic stand-in): data, ResNet classifiers, group accuracies and the report."""
 
     name: ClassVar[str] = "waterbirds"
+    #: what a run writes into RUN_DIR besides the engine's files (removed by ``run --force``)
+    run_outputs: ClassVar[tuple[str, ...]] = ("predictions.csv", "group_accuracy_*.png")
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "data": {
             "image_size": 224,  # crop side; images are first resized to image_size * 256 / 224
@@ -81,7 +83,8 @@ class WaterbirdsPipeline(Pipeline):
         return self._dataset("train", augment=self.train_is_random())
 
     def fingerprint(self) -> str:
-        return metadata.fingerprint(self.root)
+        """Content hash of ``metadata.csv`` and of every image it lists (see :func:`metadata.fingerprint`)."""
+        return metadata.fingerprint(self.root, self.meta)
 
     def _images(self, split: str) -> ImageStore:
         """The split's images, decoded and resized once per pipeline (when ``data.cache_images``)."""

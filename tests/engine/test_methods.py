@@ -4,7 +4,7 @@ from toy_pipeline import ToyNet, make_data
 
 from groupdistil.config import ENGINE_DEFAULTS
 from groupdistil.losses import TaskLoss
-from groupdistil.methods import METHODS, method_arg_defaults
+from groupdistil.methods import METHODS
 from groupdistil.teacher import Teacher
 
 
@@ -21,7 +21,7 @@ def test_every_method_updates_and_predicts(name):
     cls = METHODS.get(name)
     teacher = Teacher(ToyNet(8), lambda: torch.no_grad())
     crit = TaskLoss({"seg": 1.0, "cls": 1.0}, ENGINE_DEFAULTS["loss"])
-    m = cls(student, crit, 3, [10, 4, 2], method_arg_defaults(), teacher=teacher)
+    m = cls(student, crit, 3, [10, 4, 2], cls.defaults(), teacher=teacher)
     before = [p.clone() for p in student.parameters()]
     logs = m.update(batch())
     assert torch.isfinite(logs["loss"])

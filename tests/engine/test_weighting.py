@@ -99,3 +99,17 @@ def test_reduce_hook_sees_sums_and_counts():
     assert_close(seen[0], torch.stack(group_sums(losses, groups, 2)))
     assert_close(logs["group_count"], torch.tensor([2.0, 2.0]))
     assert_close(logs["group_loss"], torch.tensor([1.0, 3.0]))
+
+
+def test_normalize_loss_by_hand():
+    """normalize_loss divides the adjusted losses of the present groups by their sum (group_DRO's order: the
+    adjustment first), then takes the EG step."""
+    w = GroupWeights(3, eta=2.0, adj_c=1.0, train_counts=[4, 16, 9], normalize_loss=True)
+    losses = torch.tensor([1.0, 3.0, 2.0])
+    groups = torch.tensor([0, 0, 1])  # group 2 absent
+    _, logs = w(losses, groups)
+    a = [2.0 + 1 / 2, 2.0 + 1 / 4]  # l_g + C / sqrt(n_g) for the present groups 0 and 1
+    a = [x / sum(a) for x in a]
+    raw = [math.exp(2.0 * a[0]), math.exp(2.0 * a[1]), 1.0]
+    assert_close(logs["group_weight"], torch.tensor([r / sum(raw) for r in raw]))
+    assert_close(logs["group_loss"], torch.tensor([2.0, 2.0, 0.0]))  # logged: the plain group means

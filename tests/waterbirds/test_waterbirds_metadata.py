@@ -109,3 +109,63 @@ def test_fingerprint_follows_metadata(synth_root: Path, tmp_path: Path) -> None:
     rows[0]["split"] = "1" if rows[0]["split"] != "1" else "2"
     _write(tmp_path, rows)
     assert metadata.fingerprint(tmp_path) != before
+
+
+# --- encoding, paths and the content fingerprint --------------------------------------------------------------------
+def test_byte_order_mark_is_accepted(synth_root: Path, tmp_path: Path) -> None:
+    rows = _copy(synth_root, tmp_path)
+    plain = metadata.read_metadata(tmp_path)
+    path = tmp_path / metadata.METADATA
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    meta = metadata.read_metadata(tmp_path)
+    np.testing.assert_array_equal(meta.img_id, [int(r["img_id"]) for r in rows])
+    assert meta.path == plain.path and (meta.line == plain.line).all()
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_non_utf8_metadata_names_the_byte_offset_and_line(synth_root: Path, tmp_path: Path, bom: bytes) -> None:
+    rows = _copy(synth_root, tmp_path)
+    rows[2]["place_filename"] = "/b/bamboo_forest/caf\udce9.jpg"  # a latin-1 byte 0xe9, as surrogateescape keeps it
+    path = tmp_path / metadata.METADATA
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        writer = csv.DictWriter(fh, metadata.COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    raw = bom + path.read_bytes()
+    path.write_bytes(raw)
+    with pytest.raises(UserError) as err:
+        WaterbirdsPipeline({}, tmp_path)
+    assert str(err.value) == (f"{path}: the metadata CSV is not UTF-8 text: byte 0xe9 at offset "
+                              f"{raw.index(b'caf') + 3} (line 4) cannot be decoded; save the file as UTF-8")
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "dotdot inside", "windows drive"])
+def test_img_filename_outside_the_data_folder_is_refused(synth_root: Path, tmp_path: Path, kind: str) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    rows = _copy(synth_root, root)
+    outside = tmp_path / "elsewhere.jpg"  # an existing image outside the data folder
+    shutil.copy(root / rows[1]["img_filename"], outside)
+    value = {"absolute": str(outside), "dotdot": "../elsewhere.jpg",
+             "dotdot inside": f"{Path(rows[0]['img_filename']).parent}/../{rows[0]['img_filename']}",
+             "windows drive": "C:\\birds\\x.jpg"}[kind]
+    rows[1]["img_filename"] = value
+    _write(root, rows)
+    with pytest.raises(UserError) as err:
+        metadata.read_metadata(root)
+    assert str(err.value) == (f"{root / metadata.METADATA}:3 (img_id {rows[1]['img_id']}): img_filename '{value}' "
+                              f"must be a relative path inside the data folder {root} (absolute paths and '..' "
+                              f"are refused)")
+
+
+def test_fingerprint_follows_image_content_not_only_size(synth_root: Path, tmp_path: Path) -> None:
+    rows = _copy(synth_root, tmp_path)
+    pipeline = WaterbirdsPipeline({}, tmp_path)
+    before = pipeline.fingerprint()
+    assert before == metadata.fingerprint(tmp_path) and len(before) == 12
+    image = tmp_path / rows[2]["img_filename"]
+    raw = bytearray(image.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same name, same size, other bytes
+    image.write_bytes(bytes(raw))
+    assert metadata.fingerprint(tmp_path) != before
+    assert WaterbirdsPipeline({}, tmp_path).fingerprint() != before
