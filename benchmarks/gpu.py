@@ -25,7 +25,6 @@ import copy
 import json
 import sys
 import time
-import types
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -36,9 +35,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
-
 from timing import interleaved, machine_info, median, paired_ratio, seconds_per_call  # noqa: E402
+from torch import nn  # noqa: E402
 
 N_GROUPS = 4  # Waterbirds: (landbird, waterbird) x (land, water)
 N_CLASSES = 2
@@ -50,26 +48,14 @@ SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1.0e-4}
 
 
 def import_engine() -> dict[str, Any]:
-    """``METHODS``, ``TaskLoss`` and ``Teacher``, with a MONAI stand-in where MONAI is not installed."""
-    try:
-        import monai.losses  # noqa: F401
-    except ImportError:
-        class DiceLoss:  # constructed by SegmentationLoss, never called for a classification head
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                pass
-
-            def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                raise RuntimeError("MONAI is not installed: the Dice loss is unavailable in this benchmark")
-
-        monai, losses = types.ModuleType("monai"), types.ModuleType("monai.losses")
-        losses.DiceLoss = DiceLoss  # type: ignore[attr-defined]
-        monai.losses = losses  # type: ignore[attr-defined]
-        sys.modules.update({"monai": monai, "monai.losses": losses})
+    """``METHODS``, ``TaskLoss`` and ``Teacher`` (the engine imports MONAI only for segmentation heads, so this
+    classification benchmark runs where MONAI is not installed)."""
     from groupdistil.losses import TaskLoss
     from groupdistil.methods import METHODS
+    from groupdistil.runtime import Runtime
     from groupdistil.teacher import Teacher
 
-    return {"METHODS": METHODS, "TaskLoss": TaskLoss, "Teacher": Teacher}
+    return {"METHODS": METHODS, "TaskLoss": TaskLoss, "Teacher": Teacher, "Runtime": Runtime}
 
 
 class Classifier(nn.Module):
@@ -97,11 +83,11 @@ class Variant:
         student = Classifier(torchvision.models.resnet18(num_classes=N_CLASSES)).to(device, memory_format=fmt)
         teacher = engine["Teacher"](teacher_model, autocast)
         criterion = engine["TaskLoss"]({"cls": 1.0}, LOSS)
-        self.method = engine["METHODS"].get(method)(student, criterion, N_GROUPS, TRAIN_COUNTS, HPARAMS,
-                                                    teacher=teacher).to(device)
-        self.method.autocast = autocast
-        self.method.optimizer = torch.optim.SGD(student.parameters(), **SGD)
-        self.method.scheduler = torch.optim.lr_scheduler.LambdaLR(self.method.optimizer, lambda s: 1.0)
+        runtime = engine["Runtime"](device=device, autocast=autocast,
+                                    optimizer=lambda params: torch.optim.SGD(params, **SGD))
+        hparams = {k: v for k, v in HPARAMS.items() if k in engine["METHODS"].get(method).hparams_spec}
+        self.method = engine["METHODS"].get(method)(student, criterion, N_GROUPS, TRAIN_COUNTS, hparams,
+                                                    teacher=teacher, runtime=runtime).to(device)
         self.batches = [{**b, "x": b["x"].contiguous(memory_format=fmt)} for b in batches]
         if cached:  # what Teacher.build_cache stores on a GPU: fp16 logits indexed by the sample index
             n = sum(len(b["index"]) for b in batches)

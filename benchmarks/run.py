@@ -26,9 +26,17 @@ REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]  # timing/suites, and the engine even without the editable install
 
 import torch  # noqa: E402
-
-from suites import (PipelineBench, Result, Sizes, epoch_suite, mms_latency_suite, quickstart_suite,  # noqa: E402
-                    step_suite, trainer_suite, waterbirds_latency_suite)
+from suites import (  # noqa: E402
+    PipelineBench,
+    Result,
+    Sizes,
+    epoch_suite,
+    mms_latency_suite,
+    quickstart_suite,
+    step_suite,
+    trainer_suite,
+    waterbirds_latency_suite,
+)
 from timing import load_average, machine_info  # noqa: E402
 
 #: key -> (comparison, bound); a missing key has no target

@@ -19,17 +19,15 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from timing import interleaved, median, paired_ratio, seconds_per_call, spread
 from torch.utils.data import Dataset, default_collate
 
-from groupdistil.config import resolve_config
-from groupdistil.config import deep_merge
+from groupdistil.checkpoint import CKPT_FORMAT
+from groupdistil.config import deep_merge, resolve_config
 from groupdistil.io import atomic_torch_save
 from groupdistil.pipeline import Pipeline
 from groupdistil.sampling import StepBatchSampler
-from groupdistil.checkpoint import CKPT_FORMAT
 from groupdistil.trainer import Trainer, build_optimizer, seed_everything
-
-from timing import interleaved, median, paired_ratio, seconds_per_call, spread
 
 CPU = torch.device("cpu")
 

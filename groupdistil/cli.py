@@ -19,6 +19,7 @@ from .pipeline import get_pipeline, synthesize_data
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import setup_process
     from .trainer import Trainer
 
     overrides = parse_set(args.set or [])
@@ -36,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not data_root.exists():
         raise UserError(f"{data_root}: data root does not exist (make a synthetic one with "
                         f"'groupdistil synth {cfg['pipeline']} --out {data_root}')")
+    setup_process(cfg["train"])
     trainer = Trainer(cfg, get_pipeline(cfg["pipeline"]), data_root, Path(args.out), args.teacher, args.force)
     trainer.run()
     return 0
@@ -91,7 +93,7 @@ def _add_export(sub: Any) -> None:
 
 
 def _add_compare(sub: Any) -> None:
-    from .compare import add_parser
+    from .experiments.cli import add_parser
 
     add_parser(sub)
 

@@ -203,7 +203,8 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str
     """``"train.lr: 0.1 -> 0.01; seed: 0 -> 1"``: the keys whose values differ (at most ``limit``, then a count)."""
     a, b = flatten(old), flatten(new)
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, "(absent)") != b.get(k, "(absent)"))
-    parts = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys[:limit]]
+    names = {"run.data_fingerprint": "the data (content fingerprint)", "run.teacher": "the teacher (run@step)"}
+    parts = [f"{names.get(k, k)}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"and {len(keys) - limit} more")
     return "; ".join(parts)

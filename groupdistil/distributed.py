@@ -38,6 +38,8 @@ def init_from_env() -> torch.device | None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    if is_distributed():  # already initialised (one process runs several trainings, as compare does)
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from torch import Tensor
 
 
@@ -51,6 +50,8 @@ class SoftDice:
     """Per-sample soft Dice loss over the foreground classes (MONAI ``DiceLoss(reduction="none")``)."""
 
     def __init__(self) -> None:
+        from monai.losses import DiceLoss  # imported here: the engine needs MONAI only for segmentation heads
+
         self._dice = DiceLoss(include_background=False, to_onehot_y=True, softmax=True, reduction="none")
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -1,5 +1,7 @@
 """Training methods: one small class each, one contract (DomainBed style).
 
+A method is complete when constructed: ``Method(student, criterion, n_groups, train_counts, hparams, teacher,
+runtime)`` (the :class:`~groupdistil.runtime.Runtime` brings device, autocast, all-reduce, optimizer and scheduler).
 ``update(batch) -> dict`` takes one optimizer step and returns detached tensors to log (no host sync);
 ``predict(x) -> {head: logits}`` runs the student. A method is the pair (per-sample loss, aggregation):
 
@@ -12,21 +14,22 @@ groupdro   labels only                      EG group weights (group DRO)
 groupdistil labels + KD term (teacher)      EG group weights (GroupDistil)
 ========== ================================ =========================================
 
-Adding a method means adding a class here with ``@METHODS.register(name)``; the trainer never changes.
+Adding a method means adding a class here with ``@_register(name)``, its hyperparameters declared in
+``hparams_spec`` (type from the default, range, doc); the trainer and the config layer never change.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .losses import TaskLoss
 from .registry import Registry
-from .weighting import GroupWeights, group_sums
+from .runtime import Runtime
+from .weighting import GroupWeights, reduced_group_means
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -68,28 +71,35 @@ class Method(nn.Module):
         return {k: p.default for k, p in cls.hparams_spec.items()}
 
     def __init__(self, student: nn.Module, criterion: TaskLoss, n_groups: int, train_counts: list[int],
-                 hparams: dict[str, Any], teacher: TeacherFn | None = None) -> None:
+                 hparams: dict[str, Any], teacher: TeacherFn | None = None, runtime: Runtime | None = None) -> None:
+        """Args:
+            student: the model trained (already on ``runtime.device``).
+            criterion: per-sample losses of every head (:class:`~groupdistil.losses.TaskLoss`).
+            n_groups, train_counts: the number of groups and the training samples of each.
+            hparams: this method's ``method_args`` (keys of ``hparams_spec``; missing ones take their default).
+            teacher: ``batch -> {head: logits}`` (frozen), for the methods that distil.
+            runtime: device, autocast, all-reduce, gradient scale and clipping, optimizer and scheduler factories,
+                DDP wrapper (:class:`~groupdistil.runtime.Runtime`; default: one CPU process, SGD lr 1e-3).
+        """
         super().__init__()
         if self.needs_teacher and teacher is None:
             raise ValueError(f"method '{self.name}' needs a teacher (--teacher RUN_DIR)")
-        self.student = student
-        self.criterion = criterion
-        self.n_groups = n_groups
-        self.train_counts = list(train_counts)
         unknown = sorted(set(hparams) - set(self.hparams_spec))
         if unknown:
             raise ValueError(f"method '{self.name}' has no hyperparameter {unknown}; valid: "
                              f"{sorted(self.hparams_spec) or '(none)'}")
+        self.runtime = runtime or Runtime()
+        self.student = student
+        self.criterion = criterion
+        self.n_groups = n_groups
+        self.train_counts = list(train_counts)
         self.hparams = {**self.defaults(), **hparams}
         self.teacher = teacher if self.needs_teacher else None
-        # set by the trainer (defaults make the method usable on its own, e.g. in tests)
-        self.optimizer: torch.optim.Optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
-        self.scheduler: Any = None
-        self.forward_model: nn.Module = student  # the DDP wrapper under torchrun
-        self.autocast: Callable[[], ContextManager] = nullcontext
-        self.reduce: Callable[[Tensor], Tensor] = lambda t: t
-        self.grad_scale: float = 1.0  # world size under DDP
-        self.grad_clip: float = 0.0  # max gradient norm; 0 disables
+        # the forward pass goes through the (DDP-)wrapped student; kept out of the module tree so that the student's
+        # weights appear once in state_dict()
+        self.__dict__["forward_model"] = self.runtime.wrap(student)
+        self.optimizer = self.runtime.optimizer(student.parameters())
+        self.scheduler = self.runtime.scheduler(self.optimizer) if self.runtime.scheduler is not None else None
 
     @property
     def name(self) -> str:
@@ -101,22 +111,21 @@ class Method(nn.Module):
 
     def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Plain mean over the batch. Logs the global-batch mean and per-group means (no host sync)."""
-        sums, counts = group_sums(losses.detach().float(), groups, self.n_groups)
-        stats = self.reduce(torch.stack([sums, counts]))
-        logs = {"loss": stats[0].sum() / stats[1].sum(), "group_loss": stats[0] / stats[1].clamp_min(1),
-                "group_count": stats[1]}
+        _, means, counts = reduced_group_means(losses.detach().float(), groups, self.n_groups, self.runtime.reduce)
+        logs = {"loss": (means * counts).sum() / counts.sum(), "group_loss": means, "group_count": counts}
         return losses.mean(), logs
 
     def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One optimizer step on ``batch``; returns detached tensors to log (no host synchronisation)."""
         self.forward_model.train()
-        with self.autocast():
+        with self.runtime.autocast():
             outputs = self.forward_model(batch["x"])
             terms = self.per_sample(batch, outputs)
             loss, logs = self.aggregate(terms["total"], batch["group"])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+        if self.runtime.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.runtime.grad_clip)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -125,11 +134,9 @@ class Method(nn.Module):
         out.update(logs)
         return out
 
-    @torch.no_grad()
     def predict(self, x: Tensor) -> dict[str, Tensor]:
-        self.student.eval()
-        with self.autocast():
-            return self.student(x)
+        """The student's float32 logits per head (eval mode, inference mode): :meth:`Runtime.predictor`."""
+        return self.runtime.predictor(self.student)(x)
 
 
 class _GroupWeighted(Method):
@@ -148,7 +155,7 @@ class _GroupWeighted(Method):
                                     normalize_loss=h["normalize_loss"])
 
     def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        objective, logs = self.weights(losses, groups, reduce=self.reduce, scale=self.grad_scale)
+        objective, logs = self.weights(losses, groups, reduce=self.runtime.reduce, scale=self.runtime.grad_scale)
         logs["loss"] = (logs["group_weight"] * logs["group_loss"]).sum()  # the objective on the global batch
         return objective, logs
 

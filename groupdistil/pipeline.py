@@ -47,8 +47,17 @@ class Pipeline(abc.ABC):
     run_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
-        self.cfg = cfg
+        self.cfg = self.with_defaults(cfg)
         self.data_root = Path(data_root)
+
+    @classmethod
+    def with_defaults(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``cfg`` with every pipeline section (``data``, ``model``, ``eval``) filled from :attr:`defaults`.
+
+        A resolved run config already is; this lets a pipeline be built from a partial one (tests, notebooks). The
+        one place where pipeline defaults are filled in: pipelines read ``self.cfg[section][key]`` directly.
+        """
+        return {**cfg, **{sec: {**vals, **(cfg.get(sec) or {})} for sec, vals in cls.defaults.items()}}
 
     # --- data -------------------------------------------------------------------------------------------------
     @property
@@ -83,16 +92,16 @@ class Pipeline(abc.ABC):
     def heads(self) -> dict[str, int]:
         """Heads of the model and their number of classes, e.g. ``{"seg": 4, "cls": 5}``."""
 
+    @classmethod
     @abc.abstractmethod
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        """A model whose forward returns ``{head: logits}``; it depends on the config only, never on data."""
+    def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
+        """The model of a config whose sections are filled (:meth:`with_defaults`): its forward returns
+        ``{head: logits}``. It depends on the config only, never on data."""
 
     @classmethod
     def model_for(cls, cfg: dict[str, Any]) -> nn.Module:
-        """The model of a resolved run config, without reading any data (teacher loading, export)."""
-        obj = cls.__new__(cls)
-        Pipeline.__init__(obj, cfg, Path("."))
-        return obj.build_model(cfg["model"])
+        """The model of a run config (teacher loading, export, the trainer), without reading any data."""
+        return cls.build_model(cls.with_defaults(cfg))
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Shared helpers for human reports: Markdown and HTML tables, pages with embedded PNG plots.
+"""Human reports: one builder (:class:`Doc`) for a Markdown file and a self-contained HTML page, and one PNG saver.
 
-Pipelines build their reports from these so every report looks the same and is one self-contained HTML file.
+Every report (a run's, a comparison's) is built with :class:`Doc` and its figures saved with :func:`save_figure`,
+so every report looks the same and is one HTML file with its plots embedded.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .io import atomic_write_text
+from .io import atomic_path, atomic_write_text
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -76,8 +77,50 @@ def html_page(title: str, body_html: str) -> str:
     )
 
 
-def write_report_pair(run_dir: Path, title: str, md_body: str, html_body: str, stem: str = "report") -> None:
-    """Write ``<stem>.md`` and ``<stem>.html`` atomically."""
-    run_dir = Path(run_dir)
-    atomic_write_text(run_dir / f"{stem}.md", f"# {title}\n\n{md_body.strip()}\n")
-    atomic_write_text(run_dir / f"{stem}.html", html_page(title, html_body))
+def save_figure(fig: Any, png: Path, dpi: int = 110, **savefig: Any) -> Path:
+    """Save a matplotlib figure as PNG atomically (``savefig``: more ``Figure.savefig`` options); returns ``png``."""
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, **savefig)
+    return Path(png)
+
+
+class Doc:
+    """A report built as Markdown and HTML side by side from the same calls; :meth:`write` writes both files."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def raw(self, md: str, html_text: str) -> None:
+        """Append content given in both formats (the HTML as it is: escape it yourself)."""
+        self.md.append(md)
+        self.html.append(html_text)
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.raw(f"{'#' * level} {text}", f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str, note: bool = False) -> None:
+        """A paragraph; ``note``: set in the smaller grey type of explanations."""
+        tag = "<p class='note'>" if note else "<p>"
+        self.raw(text, f"{tag}{html.escape(text)}</p>")
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> None:
+        self.raw(md_table(headers, rows, digits), html_table(headers, rows, digits))
+
+    def image(self, png: Path, alt: str, link: str | None = None) -> None:
+        """A PNG, embedded in the HTML; the Markdown links ``link`` (default: the file name, for a PNG beside the
+        report; give the path relative to the report otherwise)."""
+        self.raw(f"![{alt}]({link or Path(png).name})", html_image(png, alt))
+
+    def details(self, summary: str, inner: Doc) -> None:
+        """``inner`` folded under ``summary`` in the HTML; in the Markdown, under ``summary`` in bold."""
+        inner_md, inner_html = "\n\n".join(inner.md), "\n".join(inner.html)
+        self.raw(f"**{summary}**\n\n{inner_md}",
+                 f"<details><summary>{html.escape(summary)}</summary>{inner_html}</details>")
+
+    def write(self, run_dir: Path, title: str, stem: str = "report") -> None:
+        """Write ``<stem>.md`` and ``<stem>.html`` (titled ``title``) into ``run_dir``, each atomically."""
+        run_dir = Path(run_dir)
+        md_body = "\n\n".join(self.md).strip()
+        atomic_write_text(run_dir / f"{stem}.md", f"# {title}\n\n{md_body}\n")
+        atomic_write_text(run_dir / f"{stem}.html", html_page(title, "\n".join(self.html)))

@@ -107,3 +107,13 @@ def pair_cases(a_runs: Sequence[CaseScores], b_runs: Sequence[CaseScores],
             acc[2] += 1
     ids = sorted(sums)
     return ids, [sums[i][0] / sums[i][2] for i in ids], [sums[i][1] / sums[i][2] for i in ids]
+
+
+def group_mean(values: Sequence[float] | np.ndarray, group: Sequence[int] | np.ndarray,
+               n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group mean of ``values`` ``(N,)`` by integer ``group`` ``(N,)``: ``(means, counts)``, both ``(n_groups,)``;
+    NaN for a group without values. The one place evaluation code computes group means."""
+    group = np.asarray(group, dtype=np.int64)
+    n = np.bincount(group, minlength=n_groups)
+    sums = np.bincount(group, weights=np.asarray(values, dtype=np.float64), minlength=n_groups)
+    return np.divide(sums, n, out=np.full(n_groups, np.nan), where=n > 0), n

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import os
 import random
-import sys
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
@@ -35,19 +30,15 @@ from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
 from .pipeline import Pipeline
+from .progress import Progress, StepLogger, log
 from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
+from .runtime import Runtime, count_params, pick_device
 from .sampling import StepBatchSampler
 from .teacher import Teacher
 
-LOG_KEYS_GROUP = ("group_loss", "group_count", "group_weight")
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
                   "report.md", "report.html", "export")
-
-
-def log(msg: str) -> None:
-    if dist_utils.is_main():
-        print(msg, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> None:
@@ -56,134 +47,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is 'cuda' but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"train.device must be auto, cpu or cuda, got '{name}'")
-    return torch.device(name)
-
-
-def build_optimizer(params: Any, t: dict[str, Any]) -> torch.optim.Optimizer:
-    if t["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
-    if t["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=t["lr"], weight_decay=t["weight_decay"])
-    raise UserError(f"unknown train.optimizer '{t['optimizer']}'; valid: adamw, sgd")
-
-
-def _lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    p = (step - warmup) / max(1, total - warmup)
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
-    if kind == "linear":
-        return max(0.0, 1.0 - p)
-    return 1.0
-
-
-def build_scheduler(opt: torch.optim.Optimizer, t: dict[str, Any]) -> torch.optim.lr_scheduler.LambdaLR:
-    if t["schedule"] not in ("constant", "cosine", "linear"):
-        raise UserError(f"unknown train.schedule '{t['schedule']}'; valid: constant, cosine, linear")
-    f = partial(_lr_factor, total=t["max_steps"], warmup=t["warmup_steps"], kind=t["schedule"])
-    return torch.optim.lr_scheduler.LambdaLR(opt, f)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-class StepLogger:
-    """Buffers per-step tensors on the device and writes them to ``train_log.jsonl`` in one host sync per flush."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        self.buffer: list[tuple[int, dict[str, torch.Tensor]]] = []
-        self.last: dict[str, Any] = {}
-
-    def add(self, step: int, values: dict[str, torch.Tensor]) -> None:
-        self.buffer.append((step, values))
-
-    def flush(self) -> None:
-        """Write buffered lines; raise if a loss was not finite (naming the step)."""
-        if not self.buffer:
-            return
-        keys = list(self.buffer[0][1])
-        flat = torch.cat([torch.cat([v[k].reshape(-1).float() for k in keys]) for _, v in self.buffer]).cpu()
-        sizes = [self.buffer[0][1][k].numel() for k in keys]
-        rows = flat.view(len(self.buffer), -1).tolist()
-        lines = []
-        for (step, _), row in zip(self.buffer, rows):
-            rec: dict[str, Any] = {"step": step}
-            pos = 0
-            for k, n in zip(keys, sizes):
-                vals = row[pos:pos + n]
-                pos += n
-                rec[k] = vals if k in LOG_KEYS_GROUP else vals[0]
-            lines.append(rec)
-        self.buffer.clear()
-        bad = next((r for r in lines if not math.isfinite(r["loss"])), None)
-        if self.enabled:
-            good = lines if bad is None else [r for r in lines if r["step"] < bad["step"]]
-            with open(self.path, "a") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in good)
-                fh.flush()
-                os.fsync(fh.fileno())
-        if bad is not None:
-            raise UserError(f"non-finite loss ({bad['loss']}) at step {bad['step']}; training stopped, the last "
-                            f"good checkpoint is kept (lower train.lr or check the data)")
-        self.last = lines[-1]
-
-
-
-class Progress:
-    """tqdm on a terminal; plain periodic lines otherwise (logs of batch jobs stay readable)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled, self.total = enabled, total
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = None
-        self.t0, self.start = time.time(), start
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, step: int, info: dict[str, Any], every: int) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            if info and step % every == 0:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
-        elif self.enabled and step % every == 0:
-            rate = (step - self.start) / max(1e-9, time.time() - self.t0)
-            extra = " ".join(f"{k} {v:.4g}" for k, v in info.items())
-            log(f"step {step}/{self.total} {extra} ({rate:.2f} steps/s)")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class Trainer:
     """Trains one run described by a resolved config into ``run_dir``."""
 
     def __init__(self, cfg: dict[str, Any], pipeline_cls: type[Pipeline], data_root: Path, run_dir: Path,
                  teacher_path: str | None = None, force: bool = False) -> None:
-        self.cfg, self.run_dir, self.force = cfg, Path(run_dir), force
+        """Check everything (teacher, data, sizes) before anything is written; ``cfg`` is copied, never changed.
+
+        Process-wide setup (process group, threads, deterministic kernels) is :func:`runtime.setup_process`'s, done
+        once by the caller.
+        """
+        self.cfg, self.run_dir, self.force = copy.deepcopy(cfg), Path(run_dir), force
+        cfg = self.cfg
         self.t = cfg["train"]
-        self.ddp_device = dist_utils.init_from_env()
-        self.device = self.ddp_device or pick_device(self.t["device"])
+        self.device = pick_device(self.t["device"])
         self.main = dist_utils.is_main()
-        if self.t["num_threads"] > 0:
-            torch.set_num_threads(self.t["num_threads"])
         seed_everything(cfg["seed"])
-        if self.device.type == "cpu":
-            torch.use_deterministic_algorithms(True, warn_only=True)
         self.method_cls = _method_class(cfg["method"])
-        self.teacher_path = teacher_path
         if self.method_cls.needs_teacher:
             if not teacher_path:
                 raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
@@ -206,8 +86,7 @@ class Trainer:
             if n == 0:
                 log(f"warning: group '{name}' has no training samples; its weight stays defined and only changes "
                     f"by renormalisation")
-        self.use_amp = self.device.type == "cuda" and self.t["amp"]
-        self.autocast = (partial(torch.autocast, "cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext)
+        self.runtime = Runtime.for_run(self.t, self.device)
         # the teacher is identified by what it is (its run's config hash and the selected step), not where it sits,
         # so a comparison folder can be moved or copied and its finished runs are still recognised
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
@@ -297,7 +176,7 @@ class Trainer:
         if unknown:
             raise UserError(f"loss.heads names {unknown}, which the {self.pipeline.name} model does not have; "
                             f"valid: {sorted(self.pipeline.heads)}")
-        self.student = self.pipeline.build_model(self.cfg["model"]).to(self.device)
+        self.student = self.pipeline.model_for(self.cfg).to(self.device)
         if self.device.type == "cuda" and self.t["channels_last"]:
             self.student = self.student.to(memory_format=torch.channels_last)
         teacher = None
@@ -306,22 +185,12 @@ class Trainer:
             tm = self.teacher_cpu.to(self.device)
             if self.device.type == "cuda" and self.t["channels_last"]:
                 tm = tm.to(memory_format=torch.channels_last)
-            teacher = Teacher(tm, self.autocast)
+            teacher = Teacher(tm, self.runtime.autocast)
             self.teacher_model = tm
         criterion = TaskLoss(heads, self.cfg["loss"])
         self.method: Method = self.method_cls(self.student, criterion, self.n_groups, self.train_counts,
-                                              self.cfg["method_args"], teacher=teacher).to(self.device)
-        self.method.autocast = self.autocast
-        self.method.grad_clip = self.t["grad_clip"]
-        self.method.optimizer = build_optimizer(self.student.parameters(), self.t)
-        self.method.scheduler = build_scheduler(self.method.optimizer, self.t)
-        if dist_utils.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.method.forward_model = DDP(self.student, device_ids=ids)
-            self.method.reduce = dist_utils.all_reduce_sum
-            self.method.grad_scale = float(dist_utils.world_size())
+                                              self.cfg["method_args"], teacher=teacher,
+                                              runtime=self.runtime).to(self.device)
         self.dataset = self.pipeline.train_dataset()
         if teacher is not None and self.t["teacher_cache"] == "auto" and not self.pipeline.train_is_random():
             t0 = time.time()
@@ -367,16 +236,8 @@ class Trainer:
         return int(ck["step"])
 
     # --- evaluation ----------------------------------------------------------------------------------------------
-    def predictor(self, model: nn.Module):
-        def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            model.eval()
-            with torch.inference_mode(), self.autocast():
-                return {k: v.float() for k, v in model(x.to(self.device)).items()}
-
-        return predict
-
     def validate(self, step: int) -> None:
-        m = self.pipeline.evaluate(self.predictor(self.student), "val")  # every rank: evaluation is sharded
+        m = self.pipeline.evaluate(self.runtime.predictor(self.student), "val")  # every rank: evaluation is sharded
         if self.main:
             score = float(m["worst_group_metric"])
             rec = {"step": step, "worst_group_metric": score, "average_metric": float(m["average_metric"])}
@@ -451,7 +312,7 @@ class Trainer:
     def finish(self, step: int, train_seconds: float) -> dict[str, Any] | None:
         """Evaluate the last and the selected model (every rank, sharded); rank 0 writes metrics and report."""
         t0 = time.time()
-        teacher_pred = self.predictor(self.teacher_model) if self.teacher_model is not None else None
+        teacher_pred = self.runtime.predictor(self.teacher_model) if self.teacher_model is not None else None
         best_state = dist_utils.broadcast_object(
             load_checkpoint(self.run_dir / "checkpoints" / "best.pt") if self.main else None)
         selected = copy.deepcopy(self.student)
@@ -460,13 +321,13 @@ class Trainer:
         timing: dict[str, Any] = {"train_seconds": train_seconds}
         last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):
-            m = self.pipeline.evaluate(self.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
+            m = self.pipeline.evaluate(self.runtime.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
             timing[split] = m.pop("timing", {})
             metrics[split] = m
             if metrics["selected_step"] == step:  # the same weights: no second evaluation
                 last[split] = {k: v for k, v in m.items() if not k.startswith("teacher")}
             else:
-                last[split] = self.pipeline.evaluate(self.predictor(self.student), split)
+                last[split] = self.pipeline.evaluate(self.runtime.predictor(self.student), split)
                 last[split].pop("timing", None)
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0

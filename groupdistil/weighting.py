@@ -32,10 +32,20 @@ def group_sums(losses: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, T
     return onehot.t() @ losses, onehot.sum(0)
 
 
-def group_means(losses: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group means (0 for absent groups) and counts."""
+def reduced_group_means(losses: Tensor, groups: Tensor, n_groups: int,
+                        reduce: Callable[[Tensor], Tensor] = lambda t: t) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group sums of this process (with gradient), and the per-group means (0 for absent groups) and counts of
+    the global batch (sums and counts reduced over processes by ``reduce``; detached). The one place where group
+    means of a training batch are computed."""
     sums, counts = group_sums(losses, groups, n_groups)
-    return sums / counts.clamp_min(1), counts
+    stats = reduce(torch.stack([sums.detach(), counts]))
+    return sums, stats[0] / stats[1].clamp_min(1), stats[1]
+
+
+def group_means(losses: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Per-group means (0 for absent groups) and counts, in one process."""
+    _, means, counts = reduced_group_means(losses, groups, n_groups)
+    return means, counts
 
 
 class GroupWeights(nn.Module):
@@ -88,10 +98,7 @@ class GroupWeights(nn.Module):
             the objective (scalar, differentiable) and detached logs ``group_loss``, ``group_count``,
             ``group_weight`` (the weights after the update).
         """
-        sums, counts = group_sums(losses.float(), groups, self.n_groups)
-        stats = reduce(torch.stack([sums.detach(), counts]))
-        global_counts = stats[1]
-        group_loss = stats[0] / global_counts.clamp_min(1)
+        sums, group_loss, global_counts = reduced_group_means(losses.float(), groups, self.n_groups, reduce)
         q = self.step(group_loss, global_counts)
         objective = scale * (q * (sums / global_counts.clamp_min(1))).sum()
         return objective, {"group_loss": group_loss, "group_count": global_counts, "group_weight": q.clone()}

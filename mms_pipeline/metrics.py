@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,15 +227,11 @@ def _value_table(rows: Sequence[Mapping[str, Any]], group_key: str | None) -> tu
 
 
 def _column_stats(values: np.ndarray) -> dict[str, np.ndarray]:
-    """Per column of (n, M) values with NaN as missing: n, mean, std (ddof=1), median; all vectorised."""
-    valid = ~np.isnan(values)
-    n = valid.sum(axis=0)
-    mean = np.where(valid, values, 0.0).sum(axis=0) / np.maximum(n, 1)
-    var = (np.where(valid, values - mean, 0.0) ** 2).sum(axis=0) / np.maximum(n - 1, 1)
-    ordered = np.sort(values, axis=0)  # NaN sorts last
-    lo = np.take_along_axis(ordered, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
-    hi = np.take_along_axis(ordered, n[None] // 2, axis=0)[0]
-    return {"n": n, "mean": mean, "std": np.sqrt(var), "median": (lo + hi) / 2}
+    """Per column of (n, M) values with NaN as missing: n, mean, std (ddof=1), median (numpy's nan-statistics)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns and n < 2 give NaN (reported as None)
+        return {"n": np.count_nonzero(~np.isnan(values), axis=0), "mean": np.nanmean(values, axis=0),
+                "std": np.nanstd(values, axis=0, ddof=1), "median": np.nanmedian(values, axis=0)}
 
 
 def summarise(rows: Sequence[Mapping[str, Any]], group_key: str | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from groupdistil.errors import UserError
+from groupdistil.runtime import count_params
 
 
 class SegClsNet(nn.Module):
@@ -65,10 +66,6 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     return SegClsNet(net, classify=aux is not None)
 
 
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @torch.inference_mode()
 def seconds_per_volume(model: nn.Module, slices: int = 8, size: int = 96, repeats: int = 5) -> float:
     """Median CPU time of a forward pass over one ``(slices, 1, size, size)`` volume."""
@@ -87,7 +84,7 @@ def _benchmark(pairs: Mapping[str, Mapping[str, Any]]) -> None:
     torch.set_num_threads(1)
     for role, cfg in pairs.items():
         model = build_unet(cfg["encoder"], cfg["decoder_channels"], {"seg": 4, "cls": 4})
-        print(f"{role:8s} {cfg['encoder']:36s} {n_params(model) / 1e6:6.2f} M params "
+        print(f"{role:8s} {cfg['encoder']:36s} {count_params(model) / 1e6:6.2f} M params "
               f"{seconds_per_volume(model) * 1000:7.0f} ms / volume")
 
 

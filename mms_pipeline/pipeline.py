@@ -35,6 +35,7 @@ from torch import nn
 from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
+from groupdistil.stats import group_mean
 
 from . import data, report
 from .geometry import save_prediction
@@ -107,8 +108,8 @@ class MMSPipeline(Pipeline):
 
     # --- config ---------------------------------------------------------------------------------------------------
     def section(self, name: str) -> dict[str, Any]:
-        """A config section with the defaults filled in."""
-        return {**DEFAULTS[name], **(self.cfg.get(name) or {})}
+        """A config section (its defaults were filled by :meth:`Pipeline.with_defaults`)."""
+        return self.cfg[name]
 
     @cached_property
     def dcfg(self) -> dict[str, Any]:
@@ -248,17 +249,24 @@ class MMSPipeline(Pipeline):
         return self.heads_for(self.mcfg)
 
     def heads_for(self, model_cfg: dict[str, Any]) -> dict[str, int]:
-        classify = {**DEFAULTS["model"], **model_cfg}["classify"]
-        return {"seg": N_SEG, "cls": len(self.dcfg["classes"])} if classify else {"seg": N_SEG}
+        return self._heads({**self.cfg, "model": model_cfg})
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        m = {**DEFAULTS["model"], **model_cfg}
-        return build_unet(m["encoder"], m["decoder_channels"], self.heads_for(m), in_channels=1,
+    @staticmethod
+    def _heads(cfg: dict[str, Any]) -> dict[str, int]:
+        """Heads of the model of a config with filled sections: segmentation, and classification if asked."""
+        if cfg["model"]["classify"]:
+            return {"seg": N_SEG, "cls": len(cfg["data"]["classes"])}
+        return {"seg": N_SEG}
+
+    @classmethod
+    def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
+        m = cfg["model"]
+        return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
                           dropout=m["dropout"], pretrained=m["pretrained"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        d = {**DEFAULTS["data"], **(cfg.get("data") or {})}
+        d = cls.with_defaults(cfg)["data"]
         return {
             "input": "one short-axis slice, float (1, H, W), of the ED or ES frame (metadata CSV indices)",
             "input_shape": [1, *(int(r) for r in d["roi"])],
@@ -454,8 +462,8 @@ class MMSPipeline(Pipeline):
 
 def _metric_and_grouping(cfg: dict[str, Any]) -> tuple[str, str]:
     """``(eval.metric, data.group_by)`` of a (possibly partial) run config, defaults filled in."""
-    return ((cfg.get("eval") or {}).get("metric", DEFAULTS["eval"]["metric"]),
-            (cfg.get("data") or {}).get("group_by", DEFAULTS["data"]["group_by"]))
+    cfg = MMSPipeline.with_defaults(cfg)
+    return cfg["eval"]["metric"], cfg["data"]["group_by"]
 
 
 def prediction_dir(out_dir: Path, split: str) -> Path:
@@ -479,4 +487,5 @@ def _spatial_outputs(predict: Predictor) -> Callable[[torch.Tensor], dict[str, t
 def _group_means(rows: list[dict[str, Any]], key: str, value: Callable[[dict[str, Any]], float]) -> dict[str, float]:
     """``{str(row[key]): mean of value(row)}``, groups sorted as group names are."""
     groups = sorted({str(r[key]) for r in rows}, key=lambda g: (len(g), g))
-    return {g: float(np.mean([value(r) for r in rows if str(r[key]) == g])) for g in groups}
+    means, _ = group_mean([value(r) for r in rows], [groups.index(str(r[key])) for r in rows], len(groups))
+    return {g: float(m) for g, m in zip(groups, means)}

@@ -23,7 +23,6 @@ case with the best and the worst mean Dice, and of each the mid-ventricular slic
 """
 from __future__ import annotations
 
-import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -35,8 +34,8 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from groupdistil.io import atomic_path, atomic_write_bytes
-from groupdistil.report import fmt, fmt_mean_std, html_image, html_table, md_table, write_report_pair
+from groupdistil.io import atomic_write_bytes
+from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure
 
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
 
@@ -148,12 +147,6 @@ def load_examples(path: str | Path) -> list[dict[str, Any]]:
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
-def _save_png(fig: Figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-    return path
-
-
 def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     """One PNG: a panel per structure, a box of per-volume Dice per vendor (ED and ES side by side)."""
     vendors = sorted({str(r["Vendor"]) for r in rows})
@@ -180,7 +173,7 @@ def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
         if k == 0 and any(phases):
             ax.legend(loc="lower left", fontsize=8)
-    return _save_png(fig, path)
+    return save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def examples_figure(examples: Sequence[Mapping[str, Any]], path: Path) -> Path:
@@ -197,37 +190,7 @@ def examples_figure(examples: Sequence[Mapping[str, Any]], path: Path) -> Path:
                 ax.imshow(np.asarray(lab).T, cmap=_COLOURS, vmin=0, vmax=3, interpolation="nearest")
             ax.set_axis_off()
             ax.set_title(title, fontsize=8)
-    return _save_png(fig, path)
-
-
-# --- page building: one list of blocks rendered to Markdown and HTML ----------------------------------------------
-#: ("h2", text) | ("p", text) | ("table", headers, rows) | ("img", png, alt) | ("details", summary, blocks)
-Block = tuple[Any, ...]
-
-
-def _render(blocks: Sequence[Block], run_dir: Path) -> tuple[str, str]:
-    md, ht = [], []
-    for b in blocks:
-        kind = b[0]
-        if kind == "h2":
-            md.append(f"## {b[1]}")
-            ht.append(f"<h2>{html.escape(b[1])}</h2>")
-        elif kind == "p":
-            md.append(b[1])
-            ht.append(f"<p>{html.escape(b[1])}</p>")
-        elif kind == "table":
-            md.append(md_table(b[1], b[2]))
-            ht.append(html_table(b[1], b[2]))
-        elif kind == "img":
-            md.append(f"![{b[2]}]({Path(b[1]).relative_to(run_dir).as_posix()})")
-            ht.append(html_image(b[1], alt=b[2]))
-        elif kind == "details":
-            inner_md, inner_ht = _render(b[2], run_dir)
-            md.append(f"**{b[1]}**\n\n{inner_md}")
-            ht.append(f"<details><summary>{html.escape(b[1])}</summary>{inner_ht}</details>")
-        else:
-            raise ValueError(f"unknown block kind '{kind}'")
-    return "\n\n".join(md), "\n".join(ht)
+    return save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 # --- tables -------------------------------------------------------------------------------------------------------
@@ -299,53 +262,55 @@ def _present(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]]
     return [c for c in columns if any(summary[g].get(c[1], {}).get("n") for g in groups)]
 
 
-def _vendor_blocks(ev: Mapping[str, Any], title: str) -> list[Block]:
+def _vendor_section(doc: Doc, ev: Mapping[str, Any], title: str) -> None:
+    doc.heading(title)
     by_vendor = ev.get("by_vendor")
     if not by_vendor:
-        return [("h2", title), ("p", "No per-vendor summary in metrics.json.")]
+        doc.para("No per-vendor summary in metrics.json.")
+        return
     cls = _cls_accuracy(ev)
     worst = by_vendor.get("worst", {}).get(MEAN_DICE, {})
-    blocks: list[Block] = [("h2", title)]
     if worst:
-        blocks.append(("p", (f"Worst vendor by mean Dice: {worst['group']} ({fmt(worst['value'])}). "
-                             f"worst_group_metric = {fmt(ev.get('worst_group_metric'))}, "
-                             f"average_metric = {fmt(ev.get('average_metric'))}.")))
-    blocks.append(("table", *_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
-                                          extra={"cls accuracy": cls} if cls else None)))
+        doc.para(f"Worst vendor by mean Dice: {worst['group']} ({fmt(worst['value'])}). "
+                 f"worst_group_metric = {fmt(ev.get('worst_group_metric'))}, "
+                 f"average_metric = {fmt(ev.get('average_metric'))}.")
+    doc.table(*_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
+                            extra={"cls accuracy": cls} if cls else None))
     if ev.get("worst_vendor_cls_acc") is not None:
-        blocks.append(("p", f"Worst-vendor classification accuracy: {fmt(ev.get('worst_vendor_cls_acc'))}."))
-    blocks.append(("table", *_group_table(by_vendor, _present(by_vendor, _distance_columns()), "Vendor",
-                                          show_excluded=True)))
+        doc.para(f"Worst-vendor classification accuracy: {fmt(ev.get('worst_vendor_cls_acc'))}.")
+    doc.table(*_group_table(by_vendor, _present(by_vendor, _distance_columns()), "Vendor", show_excluded=True))
     clinical = _present(by_vendor, _clinical_columns())
     if clinical:
-        blocks += [("p", ("Clinical indices: error = predicted - true, mean ± std (MAE: mean absolute error); "
-                          "the worst row names the vendor with the largest MAE.")),
-                   ("table", *_group_table(by_vendor, clinical, "Vendor"))]
-    return blocks
+        doc.para("Clinical indices: error = predicted - true, mean ± std (MAE: mean absolute error); "
+                 "the worst row names the vendor with the largest MAE.")
+        doc.table(*_group_table(by_vendor, clinical, "Vendor"))
 
 
-def _phase_blocks(rows: Sequence[Mapping[str, Any]]) -> list[Block]:
+def _phase_section(doc: Doc, rows: Sequence[Mapping[str, Any]]) -> None:
     phases = sorted({str(r.get("ED/ES", "")) for r in rows} - {""})
     if not phases:
-        return []
+        return
     summaries = {ph: summarise([r for r in rows if str(r.get("ED/ES")) == ph], "Vendor") for ph in phases}
     vendors = sorted({v for s in summaries.values() for v in _groups(s)})
     headers = ["Vendor", *[f"Dice {s} {ph}" for ph in phases for s in STRUCTURES]]
     table = [[v, *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases for s in STRUCTURES]]
              for v in vendors]
-    return [("h2", "Test: Dice per vendor and phase"), ("table", headers, table)]
+    doc.heading("Test: Dice per vendor and phase")
+    doc.table(headers, table)
 
 
-def _centre_blocks(ev: Mapping[str, Any]) -> list[Block]:
+def _centre_section(doc: Doc, ev: Mapping[str, Any]) -> None:
     by_centre = ev.get("by_centre")
     if not by_centre:
-        return []
+        return
     cols = _present(by_centre, _dice_columns() + [(f"HD {s} (mm)", f"Hausdorff {s}", 2) for s in STRUCTURES])
-    return [("h2", "Test: per centre"),
-            ("details", "Dice and Hausdorff per centre", [("table", *_group_table(by_centre, cols, "Centre"))])]
+    folded = Doc()
+    folded.table(*_group_table(by_centre, cols, "Centre"))
+    doc.heading("Test: per centre")
+    doc.details("Dice and Hausdorff per centre", folded)
 
 
-def _model_blocks(info: Mapping[str, Any]) -> list[Block]:
+def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
     def params(v: Any) -> str:
         return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
@@ -353,10 +318,11 @@ def _model_blocks(info: Mapping[str, Any]) -> list[Block]:
     if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_volume") is not None:
         rows.append(["teacher", params(info.get("teacher_params")),
                      fmt(info.get("teacher_infer_seconds_per_volume"), 4)])
-    return [("h2", "Model size and speed"), ("table", ["model", "parameters", "inference s / volume"], rows)]
+    doc.heading("Model size and speed")
+    doc.table(["model", "parameters", "inference s / volume"], rows)
 
 
-def _selection_blocks(metrics: Mapping[str, Any]) -> list[Block]:
+def _selection_section(doc: Doc, metrics: Mapping[str, Any]) -> None:
     def evals(entry: Any) -> dict[str, Mapping[str, Any]]:
         if not isinstance(entry, Mapping):
             return {}
@@ -370,8 +336,9 @@ def _selection_blocks(metrics: Mapping[str, Any]) -> list[Block]:
                      for key in ("worst_group_metric", "average_metric")]]
             for name, ev in checkpoints.items() if ev]
     headers = ["checkpoint", "val worst group", "val average", "test worst group", "test average"]
-    return [("h2", "Checkpoints"), ("p", f"Selected step: {fmt(metrics.get('selected_step'))}."),
-            ("table", headers, rows)]
+    doc.heading("Checkpoints")
+    doc.para(f"Selected step: {fmt(metrics.get('selected_step'))}.")
+    doc.table(headers, rows)
 
 
 def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[str, Any]) -> None:
@@ -386,30 +353,30 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
     run_dir = Path(run_dir)
     ev = metrics.get("test") or metrics.get("val") or {}
     split = "Test" if metrics.get("test") else "Validation"
-    blocks: list[Block] = [("p", (f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
-                                  f"training time {fmt(info.get('train_seconds'), 0)} s."))]
-    blocks += _model_blocks(info)
-    blocks += _vendor_blocks(ev, f"{split}: per vendor")
+    doc = Doc()
+    doc.para(f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
+             f"training time {fmt(info.get('train_seconds'), 0)} s.")
+    _model_section(doc, info)
+    _vendor_section(doc, ev, f"{split}: per vendor")
     teacher = ev.get("teacher")
     if isinstance(teacher, Mapping) and teacher.get("by_vendor"):
-        blocks += [("h2", f"{split}: teacher per vendor"),
-                   ("table", *_group_table(teacher["by_vendor"], _present(teacher["by_vendor"], _dice_columns()),
-                                           "Vendor"))]
+        doc.heading(f"{split}: teacher per vendor")
+        doc.table(*_group_table(teacher["by_vendor"], _present(teacher["by_vendor"], _dice_columns()), "Vendor"))
     per_case = run_dir / PER_CASE_FILE
     rows = read_per_case_csv(per_case) if per_case.exists() else []
     if rows:
-        blocks += _phase_blocks(rows)
-        blocks += [("h2", "Dice per vendor"), ("img", dice_boxplot(rows, run_dir / BOXPLOT_FILE), "Dice box plots")]
+        _phase_section(doc, rows)
+        doc.heading("Dice per vendor")
+        doc.image(dice_boxplot(rows, run_dir / BOXPLOT_FILE), "Dice box plots")
     else:
-        blocks += [("p", f"No {PER_CASE_FILE}: no box plots.")]
+        doc.para(f"No {PER_CASE_FILE}: no box plots.")
     examples_path = run_dir / EXAMPLES_FILE
     if examples_path.exists() and (examples := load_examples(examples_path)):
-        blocks += [("h2", "Examples: best and worst case per vendor"),
-                   ("p", "Mid-ventricular slice; LV red, MYO green, RV blue."),
-                   ("img", examples_figure(examples, run_dir / EXAMPLES_PNG), "example slices")]
-    blocks += _centre_blocks(ev)
-    blocks += _selection_blocks(metrics)
-    blocks += [("h2", "How empty predictions are scored"), ("p", EMPTY_NOTE)]
-    md, ht = _render(blocks, run_dir)
-    title = f"M&Ms-1 segmentation: {info.get('method', 'run')}"
-    write_report_pair(run_dir, title, md, ht)
+        doc.heading("Examples: best and worst case per vendor")
+        doc.para("Mid-ventricular slice; LV red, MYO green, RV blue.")
+        doc.image(examples_figure(examples, run_dir / EXAMPLES_PNG), "example slices")
+    _centre_section(doc, ev)
+    _selection_section(doc, metrics)
+    doc.heading("How empty predictions are scored")
+    doc.para(EMPTY_NOTE)
+    doc.write(run_dir, f"M&Ms-1 segmentation: {info.get('method', 'run')}")

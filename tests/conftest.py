@@ -11,8 +11,9 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 @pytest.fixture
 def toy_cfg():
     """A resolved config for the toy pipeline (tiny, CPU)."""
-    from groupdistil.config import ENGINE_DEFAULTS, deep_merge
     from toy_pipeline import ToyPipeline
+
+    from groupdistil.config import ENGINE_DEFAULTS, deep_merge
 
     cfg = deep_merge(ENGINE_DEFAULTS, {"method_args": {}, **ToyPipeline.defaults})
     return deep_merge(cfg, {"pipeline": "toy", "train": {"max_steps": 12, "batch_size": 32, "lr": 0.05,

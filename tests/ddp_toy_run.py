@@ -10,10 +10,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
+from toy_pipeline import ToyPipeline  # noqa: E402
+
 from groupdistil import distributed as du  # noqa: E402
 from groupdistil.config import ENGINE_DEFAULTS, deep_merge  # noqa: E402
+from groupdistil.runtime import setup_process  # noqa: E402
 from groupdistil.trainer import Trainer  # noqa: E402
-from toy_pipeline import ToyPipeline  # noqa: E402
 
 out = Path(sys.argv[1])
 teacher = sys.argv[2] if len(sys.argv) > 2 else None
@@ -22,6 +24,7 @@ cfg = deep_merge(cfg, {"pipeline": "toy", "method": "groupdistil" if teacher els
                        "method_args": {"eta": 0.5} if teacher else {},
                        "train": {"max_steps": 8, "batch_size": 32, "lr": 0.05, "momentum": 0.0, "eval_every": 4,
                                  "checkpoint_every": 4, "log_every": 4, "device": "cpu"}})
+setup_process(cfg["train"])
 trainer = Trainer(cfg, ToyPipeline, out, out, teacher_path=teacher)
 metrics = trainer.run()
 torch.save({"q": trainer.method.weights.q if teacher else None, "metrics": metrics,

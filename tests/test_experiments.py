@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from groupdistil.compare import load_experiment, plan_runs
 from groupdistil.config import load_yaml
+from groupdistil.experiments.plan import plan_runs
+from groupdistil.experiments.schema import load_experiment
 from groupdistil.pipeline import get_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -92,8 +92,9 @@ class ToyPipeline(Pipeline):
     def heads(self) -> dict[str, int]:
         return {"seg": 3, "cls": self.cfg["model"]["n_cls"]}
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        return ToyNet(model_cfg["width"], model_cfg["n_cls"])
+    @classmethod
+    def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
+        return ToyNet(cfg["model"]["width"], cfg["model"]["n_cls"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:

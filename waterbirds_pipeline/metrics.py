@@ -15,6 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from groupdistil.stats import group_mean
+
 ACCURACY_DEFINITIONS = {
     "worst_group_acc": "the lowest per-group accuracy (model selection maximises it on val)",
     "avg_acc": "raw accuracy over every image of the split (val/test are group-balanced within each class)",
@@ -26,11 +28,7 @@ ACCURACY_DEFINITIONS = {
 
 def group_accuracy(correct: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-group accuracy (NaN for an empty group) and count, both ``(n_groups,)``, from bool ``correct`` ``(N,)``."""
-    group = np.asarray(group, dtype=np.int64)
-    n = np.bincount(group, minlength=n_groups)
-    hits = np.bincount(group, weights=np.asarray(correct, dtype=np.float64), minlength=n_groups)
-    acc = np.divide(hits, n, out=np.full(n_groups, np.nan), where=n > 0)
-    return acc, n
+    return group_mean(correct, group, n_groups)
 
 
 def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_names: Sequence[str],

@@ -49,8 +49,8 @@ class WaterbirdsPipeline(Pipeline):
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         super().__init__(cfg, data_root)
-        self.data_cfg = self._with_defaults("data", cfg.get("data"))
-        self.eval_cfg = self._with_defaults("eval", cfg.get("eval"))
+        self.data_cfg = self.cfg["data"]
+        self.eval_cfg = self.cfg["eval"]
         if int(self.data_cfg["image_size"]) < 8 or int(self.eval_cfg["batch_size"]) < 1:
             raise UserError("data.image_size must be >= 8 and eval.batch_size >= 1")
         self.root = metadata.resolve_root(self.data_root)
@@ -59,10 +59,6 @@ class WaterbirdsPipeline(Pipeline):
             if not (self.meta.split == code).any():
                 raise UserError(f"{self.root / metadata.METADATA}: no image of split {code} ({split})")
         self._stores: dict[str, ImageStore] = {}
-
-    @classmethod
-    def _with_defaults(cls, section: str, values: dict[str, Any] | None) -> dict[str, Any]:
-        return {**cls.defaults[section], **(values or {})}
 
     # --- data -------------------------------------------------------------------------------------------------
     @property
@@ -106,9 +102,10 @@ class WaterbirdsPipeline(Pipeline):
     def heads(self) -> dict[str, int]:
         return {"cls": len(metadata.CLASS_NAMES)}
 
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        cfg = self._with_defaults("model", model_cfg)
-        return build_model(str(cfg["arch"]), bool(cfg["pretrained"]), self.heads["cls"])
+    @classmethod
+    def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
+        m = cfg["model"]
+        return build_model(str(m["arch"]), bool(m["pretrained"]), len(metadata.CLASS_NAMES))
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
@@ -173,7 +170,7 @@ class WaterbirdsPipeline(Pipeline):
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """What the model of a run config expects as input (written next to exported models)."""
-        size = int(cls._with_defaults("data", cfg.get("data"))["image_size"])
+        size = int(cls.with_defaults(cfg)["data"]["image_size"])
         return {
             "input": f"RGB image, float (3, {size}, {size})",
             "input_shape": [3, size, size],

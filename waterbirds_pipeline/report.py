@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from groupdistil.io import atomic_path, atomic_write_text
-from groupdistil.report import fmt, html_image, html_table, md_table, write_report_pair
+from groupdistil.io import atomic_write_text
+from groupdistil.report import Doc, fmt, save_figure
 
 from .metadata import SPLITS
 from .metrics import ACCURACY_DEFINITIONS
@@ -96,8 +96,7 @@ def plot_group_accuracy(path: Path, metrics: dict[str, Any], group_names: Sequen
     if series:
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), fontsize=8, frameon=False)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    save_figure(fig, path)
 
 
 def _info_rows(info: dict[str, Any]) -> list[list[Any]]:
@@ -108,27 +107,18 @@ def write_report(run_dir: Path, metrics: dict[str, Any], info: dict[str, Any], g
                  train_counts: Sequence[int]) -> None:
     """``report.md`` and ``report.html`` (with the per-group bar chart ``group_accuracy_test.png``) in ``run_dir``."""
     run_dir = Path(run_dir)
-    title = f"Waterbirds: {info.get('method', 'run')} (seed {info.get('seed', '-')})"
-    summary_headers = ["model / split", *SUMMARY_KEYS]
-    summary = _summary_rows(metrics)
-    group_headers, groups = _group_rows(metrics, group_names, train_counts)
-    info_rows = _info_rows(info)
     plot = run_dir / PLOT
     plot_group_accuracy(plot, metrics, group_names)
-
-    md = [
-        "## Summary", md_table(summary_headers, summary),
-        "## Accuracy definitions", "\n".join(f"- `{k}`: {v}" for k, v in ACCURACY_DEFINITIONS.items()),
-        "## Per-group accuracy (selected model)", md_table(group_headers, groups),
-        f"![per-group test accuracy]({PLOT})",
-        "## Run", md_table(["key", "value"], info_rows),
-    ]
-    defs_html = "".join(f"<li><code>{k}</code>: {html.escape(v)}</li>" for k, v in ACCURACY_DEFINITIONS.items())
-    body = (
-        f"<h2>Summary</h2>{html_table(summary_headers, summary)}"
-        f"<h2>Accuracy definitions</h2><ul>{defs_html}</ul>"
-        f"<h2>Per-group accuracy (selected model)</h2>{html_table(group_headers, groups)}"
-        f"{html_image(plot, 'per-group test accuracy')}"
-        f"<h2>Run</h2>{html_table(['key', 'value'], info_rows)}"
-    )
-    write_report_pair(run_dir, title, "\n\n".join(md), body)
+    doc = Doc()
+    doc.heading("Summary")
+    doc.table(["model / split", *SUMMARY_KEYS], _summary_rows(metrics))
+    doc.heading("Accuracy definitions")
+    defs = ACCURACY_DEFINITIONS.items()
+    doc.raw("\n".join(f"- `{k}`: {v}" for k, v in defs),
+            "<ul>" + "".join(f"<li><code>{k}</code>: {html.escape(v)}</li>" for k, v in defs) + "</ul>")
+    doc.heading("Per-group accuracy (selected model)")
+    doc.table(*_group_rows(metrics, group_names, train_counts))
+    doc.image(plot, "per-group test accuracy")
+    doc.heading("Run")
+    doc.table(["key", "value"], _info_rows(info))
+    doc.write(run_dir, f"Waterbirds: {info.get('method', 'run')} (seed {info.get('seed', '-')})")

@@ -10,8 +10,8 @@ import yaml
 from numpy.testing import assert_allclose
 from toy_pipeline import ToyPipeline
 
-from groupdistil import compare
 from groupdistil.errors import UserError
+from groupdistil.experiments import cli, plan, report, run_comparison, schema
 from groupdistil.io import atomic_write_json
 from groupdistil.stats import mean_std, pair_cases, paired_t, wilcoxon_paired
 from groupdistil.trainer import Trainer
@@ -67,7 +67,7 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     monkeypatch.setattr(Trainer, "build", counting_build)
     fail = True
     with pytest.raises(RuntimeError, match="simulated crash"):
-        compare.run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+        run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
     out = tmp_path / "out"
     assert built == ["teacher", "kd__seed=0", "groupdistil__seed=0"]
     assert (tmp_path / "data").is_dir()  # synthesised
@@ -75,7 +75,7 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     assert not (out / "report.html").exists()
 
     fail, built[:] = False, []
-    report = compare.run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+    report = run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
     assert built == ["groupdistil__seed=0", "kd__seed=1", "groupdistil__seed=1"]
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())
     rows = read_csv(out / "runs.csv")
@@ -94,7 +94,7 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     assert (out / "report.md").exists() and (out / "plots" / "group_weights.png").exists()
 
     built[:] = []  # a finished comparison reruns nothing
-    compare.run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+    run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
     assert built == []
 
     # a comparison folder that was moved (or copied elsewhere) is still recognised: runs name their teacher by
@@ -102,7 +102,7 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     moved = tmp_path / "moved"
     out.rename(moved)
     built[:] = []
-    compare.run_comparison(exp, tmp_path / "data", moved, pipeline_cls=CaseToy)
+    run_comparison(exp, tmp_path / "data", moved, pipeline_cls=CaseToy)
     assert built == []
     assert read_csv(moved / "runs.csv") == rows
 
@@ -112,7 +112,7 @@ def test_runs_csv_columns_and_sweeps(tmp_path):
     exp = write_experiment(tmp_path, methods=["kd", "groupdistil"], seeds=[0],
                            sweep={"method_args.eta": [0.01, 0.5]}, sweep_methods=["groupdistil"],
                            data={"sweep": {"minority_scale": [1.0, 0.25]}}, metric_note="toy accuracy")
-    report = compare.run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=ToyPipeline)
+    report = run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=ToyPipeline)
     out = tmp_path / "out"
     rows = read_csv(out / "runs.csv")
     assert list(rows[0]) == ["method", "seed", "minority_scale", "method_args.eta", "worst_group_metric",
@@ -138,13 +138,13 @@ def test_runs_csv_columns_and_sweeps(tmp_path):
 
 
 def test_sweep_expansion(tmp_path):
-    exp = compare.load_experiment(write_experiment(
+    exp = schema.load_experiment(write_experiment(
         tmp_path, methods=["erm", "groupdro", "groupdistil"], seeds=[3, 4],
         sweep={"method_args.eta": [0.001, 0.1], "train.lr": [0.1, 0.2, 0.3]}, sweep_methods=["groupdro", "groupdistil"],
         set={"train.max_steps": 2}))
-    assert compare.expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
-    assert compare.expand_grid({}) == [{}]
-    specs = compare.plan_runs(exp, tmp_path / "data", tmp_path / "out", ToyPipeline)
+    assert plan.expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+    assert plan.expand_grid({}) == [{}]
+    specs = plan.plan_runs(exp, tmp_path / "data", tmp_path / "out", ToyPipeline)
     assert len(specs) == 1 + 2 * (1 + 2 * 6)
     assert specs[0].method == "teacher" and specs[0].cfg["seed"] == 0 and specs[0].cfg["train"]["max_steps"] == 4
     names = [s.run_dir.name for s in specs[1:]]
@@ -155,7 +155,7 @@ def test_sweep_expansion(tmp_path):
         (e, lr) for e in (0.001, 0.1) for lr in (0.1, 0.2, 0.3))
     assert all(s.cfg["train"]["max_steps"] == 2 and s.teacher_dir == tmp_path / "out" / "teacher" for s in gd)
     assert all(s.teacher_dir is None for s in specs if s.method in ("erm", "groupdro"))
-    assert compare.short_keys(["a.eta", "b.eta", "c.lr"]) == {"a.eta": "a.eta", "b.eta": "b.eta", "c.lr": "lr"}
+    assert plan.short_keys(["a.eta", "b.eta", "c.lr"]) == {"a.eta": "a.eta", "b.eta": "b.eta", "c.lr": "lr"}
 
 
 def test_paired_statistics_match_hand_computation():
@@ -213,21 +213,21 @@ def test_case_pairing_and_wilcoxon_match_hand_computation():
 def test_experiment_validation_errors(tmp_path, keys, match):
     path = write_experiment(tmp_path, **keys)
     with pytest.raises(UserError, match=match):
-        exp = compare.load_experiment(path)
-        compare.plan_runs(exp, tmp_path / "data", tmp_path / "out", ToyPipeline)
+        exp = schema.load_experiment(path)
+        plan.plan_runs(exp, tmp_path / "data", tmp_path / "out", ToyPipeline)
 
 
 def test_missing_data_root_without_synthesis_is_an_error(tmp_path):
     path = write_experiment(tmp_path, data={"synthesize_if_missing": False})
     with pytest.raises(UserError, match=r"data root does not exist \(set data\.synthesize_if_missing: true"):
-        compare.run_comparison(path, tmp_path / "nodata", tmp_path / "out", pipeline_cls=ToyPipeline)
+        run_comparison(path, tmp_path / "nodata", tmp_path / "out", pipeline_cls=ToyPipeline)
 
 
 def test_unknown_synthesis_option_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ToyPipeline, "synthesize", classmethod(lambda cls, out, seed=0, n_cases=4: None))
     path = write_experiment(tmp_path, data={"sweep": {"minority_scale": [1.0]}})
     with pytest.raises(UserError, match=r"exp\.yaml: data option 'minority_scale' is not an option .*; valid: n_cases"):
-        compare.run_comparison(path, tmp_path / "data", tmp_path / "out", pipeline_cls=ToyPipeline)
+        run_comparison(path, tmp_path / "data", tmp_path / "out", pipeline_cls=ToyPipeline)
 
 
 def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
@@ -238,7 +238,7 @@ def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     monkeypatch.setattr(groupdistil.pipeline, "pipeline_classes", lambda: {"toy": ToyPipeline})
     p = argparse.ArgumentParser()
-    compare.add_parser(p.add_subparsers(dest="command"))
+    cli.add_parser(p.add_subparsers(dest="command"))
     exp = write_experiment(tmp_path, methods=["erm"], seeds=[0], teacher_config="")
     args = p.parse_args(["compare", str(exp), "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
     assert args.func(args) == 0
@@ -252,12 +252,12 @@ def test_group_weight_plot_leaves_out_groups_never_trained_on(tmp_path, monkeypa
     rows = [{"step": s, "group_weight": [0.3, 0.3, 0.2, 0.2], "group_count": [3, 1 if s == 2 else 0, 0, 0]}
             for s in (1, 2, 3)]
     (run / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    weights, seen = compare.read_group_weights(run)
+    weights, seen = report.read_group_weights(run)
     assert sorted(weights) == [1, 2, 3] and seen == {0, 1}  # group 1 seen once is kept; 2 and 3 never
-    spec = compare.RunSpec("groupdistil", 0, {}, {}, {}, run, tmp_path, groups=["A", "B", "C", "D"])
+    spec = plan.RunSpec("groupdistil", 0, {}, {}, {}, run, tmp_path, groups=["A", "B", "C", "D"])
     figs = []
-    monkeypatch.setattr(compare, "_save", lambda fig, png: figs.append(fig))
-    compare.plot_group_weights(tmp_path / "w.png", {("", "groupdistil", ""): [spec]}, "weights")
+    monkeypatch.setattr(report, "save_figure", lambda fig, png: figs.append(fig))
+    report.plot_group_weights(tmp_path / "w.png", {("", "groupdistil", ""): [spec]}, "weights")
     (ax,) = [a for a in figs[0].axes if a.get_visible()]
     assert [ln.get_label() for ln in ax.get_lines()] == ["A", "B"]
     assert "not shown: C, D (no training samples)" in ax.get_title()

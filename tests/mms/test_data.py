@@ -272,12 +272,13 @@ def test_no_augmentation_gives_the_cached_slice(mms_root: Path, make_pipeline) -
 # --- models and inference ----------------------------------------------------------------------------------------
 def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> None:
     p = mms_pipeline
-    out = p.build_model({"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]})(torch.zeros(2, 1, 64, 64))
+    net = p.model_for({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]}})
+    out = net(torch.zeros(2, 1, 64, 64))
     assert out["seg"].shape == (2, 4, 64, 64) and out["cls"].shape == (2, 4)
     with pytest.raises(UserError, match="cannot be downloaded offline"):
-        p.build_model({"pretrained": True})
+        p.model_for({"model": {"pretrained": True}})
     with pytest.raises(UserError, match="unknown encoder 'nonet'"):
-        p.build_model({"encoder": "nonet"})
+        p.model_for({"model": {"encoder": "nonet"}})
     with pytest.raises(UserError, match="data.roi"):
         _ = MMSPipeline({"data": {"roi": [100, 100]}}, mms_root).dcfg
     model = MMSPipeline.model_for({"data": {}, "model": {"classify": False}}).eval()  # no data read
@@ -286,7 +287,7 @@ def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> 
 
 def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipeline) -> None:
     case = mms_pipeline.case("test", 0)
-    model = mms_pipeline.build_model({}).eval()
+    model = mms_pipeline.model_for({"model": {}}).eval()
     for pc in case.phases.values():
         labels, cls, seconds = mms_pipeline.predict_volume(model, pc.image)
         assert labels.shape == pc.gt.shape and labels.dtype == np.uint8 and seconds > 0
@@ -315,7 +316,7 @@ def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
 
 
 def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:
-    model = mms_pipeline.build_model({}).eval()
+    model = mms_pipeline.model_for({"model": {}}).eval()
     res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path, teacher=model)
     assert set(res["group_metric"]) == {"A", "B", "C", "D"}
     assert res["worst_group_metric"] == min(res["group_metric"].values())

@@ -27,10 +27,10 @@ def test_groups_and_counts(pipeline: WaterbirdsPipeline, synth_counts: dict[str,
     assert torch.bincount(groups).tolist() == synth_counts["train"]
 
 
-def test_build_model_uses_defaults(pipeline: WaterbirdsPipeline) -> None:
-    model = pipeline.build_model({})
+def test_model_for_fills_defaults(pipeline: WaterbirdsPipeline) -> None:
+    model = pipeline.model_for({"model": {}})
     assert model.backbone.fc.out_features == 2
-    assert type(pipeline.build_model({"arch": "resnet50"}).backbone.layer1[0]).__name__ == "Bottleneck"
+    assert type(pipeline.model_for({"model": {"arch": "resnet50"}}).backbone.layer1[0]).__name__ == "Bottleneck"
 
 
 def test_model_and_preprocessing_without_data() -> None:
@@ -51,7 +51,7 @@ def test_evaluate_and_report(pipeline: WaterbirdsPipeline, synth_counts: dict[st
     assert val["teacher_agreement"] == 0.0
     n_val = sum(synth_counts["val"])
     assert val["avg_acc"] == pytest.approx(sum(synth_counts["val"][:2]) / n_val)
-    test = pipeline.evaluate(pipeline.build_model({}).eval(), "test", out_dir=tmp_path)
+    test = pipeline.evaluate(pipeline.model_for({"model": {}}).eval(), "test", out_dir=tmp_path)
     assert list(test["group_n"].values()) == synth_counts["test"]
 
     with open(tmp_path / "predictions.csv", newline="") as fh:

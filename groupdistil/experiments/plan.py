@@ -1,0 +1,108 @@
+"""The plan of a comparison: every run of the grid (:class:`RunSpec`) with its config and its folder.
+
+Folder names come from the swept values: ``{"method_args.eta": 0.01}`` -> ``eta=0.01`` (the last part of a dotted
+key, unless two keys share it), joined by ``__``; see :mod:`groupdistil.experiments` for the layout.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import check_ranges, config_schema, deep_merge, resolve_config, select_method_args, validate
+from ..pipeline import Pipeline
+from .schema import Experiment
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """``{a: [1, 2], b: [x]}`` -> ``[{a: 1, b: x}, {a: 2, b: x}]`` (cartesian product; ``{}`` -> ``[{}]``)."""
+    return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 0.1}`` -> ``{"train": {"lr": 0.1}}`` (values kept as they are)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        for part in reversed(str(key).split(".")):
+            value = {part: value}
+        out = deep_merge(out, value)
+    return out
+
+
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Dotted key -> its last part, unless two keys share a last part (then the full key)."""
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def fmt_value(v: Any) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def label(values: dict[str, Any], sep: str = "__") -> str:
+    """``{"method_args.eta": 0.01}`` -> ``eta=0.01`` (file-name safe)."""
+    short = short_keys(list(values))
+    return sep.join(re.sub(r"[^\w.=+-]", "_", f"{short[k]}={fmt_value(v)}") for k, v in values.items())
+
+
+@dataclass
+class RunSpec:
+    """One run of the grid (the teacher has method ``teacher``)."""
+
+    method: str
+    seed: int
+    params: dict[str, Any]  # swept values (dotted key -> value)
+    level: dict[str, Any]  # data-sweep values (synth option -> value)
+    cfg: dict[str, Any]
+    run_dir: Path
+    data_root: Path
+    teacher_dir: Path | None = None
+    result: dict[str, float] = field(default_factory=dict)  # test metrics, filled after training
+    groups: list[str] = field(default_factory=list)  # group names in index order, filled after training
+
+    @property
+    def variant(self) -> tuple[str, str, str]:
+        """(data level, method, swept values): the runs of a variant differ by seed only."""
+        return label(self.level), self.method, label(self.params, " ")
+
+    @property
+    def title(self) -> str:
+        """``groupdistil eta=0.01``: the method and its swept values."""
+        return " ".join(filter(None, [self.method, label(self.params, " ")]))
+
+
+def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pipeline]) -> list[RunSpec]:
+    """Every run of the grid, each data level's teacher first, then students seed by seed."""
+    from ..methods import METHODS
+
+    src = str(exp.path)
+    students = {m: resolve_config(exp.student_config, deep_merge(nest(exp.set), {"method": m}), pipeline_cls,
+                                  f"{src}: key 'set'", strict_method_args=False) for m in exp.methods}
+    variants = expand_grid(exp.sweep)
+    schema = config_schema(pipeline_cls)
+    for params in variants:
+        validate(nest(params), schema, f"{src}: key 'sweep'")
+    teacher = None
+    if exp.teacher_config is not None:
+        teacher = resolve_config(exp.teacher_config, deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed}),
+                                 pipeline_cls, f"{src}: key 'teacher_set'")
+    specs: list[RunSpec] = []
+    for level in expand_grid(exp.data_sweep):
+        root, lout = (data_root / label(level), out / label(level)) if level else (data_root, out)
+        tdir = lout / "teacher" if teacher is not None else None
+        if teacher is not None:
+            specs.append(RunSpec("teacher", exp.teacher_seed, {}, level, copy.deepcopy(teacher), tdir, root))
+        for seed in exp.seeds:
+            for method in exp.methods:
+                needs = METHODS.get(method).needs_teacher
+                for params in variants if method in exp.sweep_methods else [{}]:
+                    cfg = deep_merge(students[method], {"seed": seed, **nest(params)})
+                    select_method_args(cfg, nest(params).get("method_args") or {}, f"{src}: key 'sweep'")
+                    check_ranges(cfg, f"{src}: key 'sweep'")
+                    name = "__".join(filter(None, [method, label(params), f"seed={seed}"]))
+                    specs.append(RunSpec(method, seed, params, level, cfg, lout / "runs" / name, root,
+                                         tdir if needs else None))
+    return specs

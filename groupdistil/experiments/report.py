@@ -1,0 +1,251 @@
+"""The outputs of a finished comparison: ``runs.csv``, ``comparison.csv``, ``paired_tests.csv``, the report
+(``report.md``, ``report.html``) and its plots (``plots/*.png``).
+
+- ``runs.csv``: one row per run (the teacher included): method, seed, data-sweep and sweep values, the test metrics
+  (worst group, average, each group), the run folder relative to OUT;
+- ``comparison.csv``: one row per variant: the number of seeds and each metric's mean and sample std over them;
+- ``paired_tests.csv``: one row per paired test (:mod:`groupdistil.experiments.summary`); empty cells for values a
+  test does not give, ``n/a`` as the test when there are fewer than 2 seed pairs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..io import atomic_write_text
+from ..pipeline import Pipeline
+from ..report import Doc, fmt, fmt_mean_std, save_figure
+from ..stats import PairedTest, mean_std
+from .plan import RunSpec, expand_grid, fmt_value, label, short_keys
+from .schema import Experiment
+from .summary import AVERAGE, WORST, PairRow, by_variant, paired_comparisons
+
+
+def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A CSV file, written atomically; None and NaN as empty cells."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(headers)
+    w.writerows(["" if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in r] for r in rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def nice_metric(metric: str, worst_of: str = "") -> str:
+    """Report header of a metric column: ``worst group``, ``average``, a group name (per-case: whose worst group)."""
+    if metric.startswith("group."):
+        g = metric[len("group."):]
+        return f"cases of {g} (worst group of {worst_of})" if worst_of else g
+    return {WORST: "worst group", AVERAGE: "average"}.get(metric, metric)
+
+
+class Writer:
+    """Writes runs.csv, comparison.csv, paired_tests.csv, plots and report.{md,html} of a finished grid."""
+
+    def __init__(self, exp: Experiment, pipeline_cls: type[Pipeline], specs: list[RunSpec], groups: list[str],
+                 out: Path) -> None:
+        self.exp, self.pipeline_cls, self.specs, self.out = exp, pipeline_cls, specs, out
+        self.metrics = [WORST, AVERAGE, *[f"group.{g}" for g in groups]]
+        self.level_keys, self.sweep_keys = list(exp.data_sweep), list(exp.sweep)
+
+    def keys_of(self, s: RunSpec) -> list[Any]:
+        return [s.level.get(k) for k in self.level_keys] + [s.params.get(k) for k in self.sweep_keys]
+
+    def write(self) -> Path:
+        """Write every output; returns the path of report.html."""
+        variants = by_variant(self.specs)
+        pairs = paired_comparisons(self.exp, self.specs, self.pipeline_cls)
+        keys = [*self.level_keys, *self.sweep_keys]
+        write_csv(self.out / "runs.csv", ["method", "seed", *keys, *self.metrics, "run_dir"],
+                  [[s.method, s.seed, *self.keys_of(s), *[s.result.get(m) for m in self.metrics],
+                    s.run_dir.relative_to(self.out).as_posix()] for s in self.specs])
+        write_csv(self.out / "comparison.csv",
+                  ["method", *keys, "n_seeds", *[f"{m}_{x}" for m in self.metrics for x in ("mean", "std")]],
+                  [[runs[0].method, *self.keys_of(runs[0]), len(runs),
+                    *[v for m in self.metrics for v in self._ms(runs, m)]] for runs in variants.values()])
+        write_csv(self.out / "paired_tests.csv",
+                  [*self.level_keys, "a", "b", "metric", "test", "n", "mean_diff", "median_diff", "ci95_low",
+                   "ci95_high", "statistic", "p"],
+                  [[*[r.level.get(k) for k in self.level_keys], r.a.title, r.b.title, r.metric,
+                    *self._test_cells(r.test)] for r in pairs])
+        self.report(variants, pairs)
+        return self.out / "report.html"
+
+    @staticmethod
+    def _ms(runs: list[RunSpec], metric: str) -> tuple[float, float]:
+        ms = mean_std([r.result[metric] for r in runs if metric in r.result])
+        return ms.mean, ms.std
+
+    @staticmethod
+    def _test_cells(t: PairedTest | None) -> list[Any]:
+        if t is None:
+            return ["n/a", 0, None, None, None, None, None, None]
+        return [t.test, t.n, t.mean_diff, t.median_diff, t.ci_low, t.ci_high, t.statistic, t.p]
+
+    # --- report --------------------------------------------------------------------------------------------------
+    def metric_note(self) -> str:
+        name = self.pipeline_cls.name
+        student = next((s.cfg for s in self.specs if s.method != "teacher"), self.specs[0].cfg)
+        return (self.exp.metric_note or self.pipeline_cls.metric_note(student)
+                or f"Worst-group and average metric as defined by the {name} pipeline's evaluation.")
+
+    def report(self, variants: dict[tuple[str, str, str], list[RunSpec]], pairs: list[PairRow]) -> None:
+        doc = Doc()
+        e = self.exp
+        doc.para(f"Pipeline {self.pipeline_cls.name}; experiment {e.path}; methods {', '.join(e.methods)} "
+                 f"(plus the teacher); seeds {e.seeds}; test split, model selected by worst-group validation metric.",
+                 note=True)
+        doc.para(self.metric_note(), note=True)
+        doc.para("Mean ± sample std (ddof 1) over seeds. Paired tests: A − B paired by seed (t-test, mean difference "
+                 "and 95% CI; 'n/a' with fewer than 2 pairs); Wilcoxon signed-rank over the test cases of B's worst "
+                 "group, each case's score averaged over the common seeds (when the pipeline has per-case scores).",
+                 note=True)
+        levels = list(dict.fromkeys(k[0] for k in variants))
+        for lv in levels:
+            if lv:
+                doc.heading(f"Data level {lv}")
+            self._level_tables(doc, [runs for k, runs in variants.items() if k[0] == lv],
+                               [p for p in pairs if label(p.level) == lv], lv)
+        self._plots(doc, variants, levels)
+        doc.para("Per-run values: runs.csv; summary: comparison.csv; tests: paired_tests.csv.", note=True)
+        title = f"Comparison: {e.path.stem}"
+        doc.write(self.out, title)
+
+    def _level_tables(self, doc: Doc, variants: list[list[RunSpec]], pairs: list[PairRow], lv: str) -> None:
+        lvl = 3 if lv else 2
+        doc.heading("Test metrics (mean ± std over seeds)", lvl)
+        doc.table(["method", "n", *[nice_metric(m) for m in self.metrics]],
+                  [[runs[0].title, len(runs),
+                    *[fmt_mean_std(*self._ms(runs, m)) for m in self.metrics]] for runs in variants])
+        if pairs:
+            doc.heading("Paired comparisons", lvl)
+            doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p"],
+                      [[p.title, nice_metric(p.metric, p.b.method), *self._test_text(p.test)] for p in pairs])
+
+    @staticmethod
+    def _test_text(t: PairedTest | None) -> list[str]:
+        if t is None:
+            return ["paired t (seeds)", "< 2", "n/a", "n/a", "n/a", "n/a"]
+        ci = "n/a" if math.isnan(t.ci_low) else f"[{t.ci_low:+.4f}, {t.ci_high:+.4f}]"
+        p = "n/a" if math.isnan(t.p) else f"{t.p:.3g}"
+        return [t.test, str(t.n), f"{t.mean_diff:+.4f}", ci, fmt(t.statistic), p]
+
+    def _plots(self, doc: Doc, variants: dict[tuple[str, str, str], list[RunSpec]], levels: list[str]) -> None:
+        made: list[tuple[Path, str]] = []
+        for lv in levels:
+            suffix = f"__{lv}" if lv else ""
+            weighted = {k: runs for k, runs in variants.items()
+                        if k[0] == lv and read_group_weights(runs[0].run_dir)[0]}
+            if weighted:
+                png = self.out / "plots" / f"group_weights{suffix}.png"
+                plot_group_weights(png, weighted, f"Group weights over training {lv}".strip())
+                made.append((png, "group weights"))
+            specs = [r for r in self.specs if label(r.level) == lv]
+            for key, short in short_keys(self.sweep_keys).items():
+                png = self.out / "plots" / f"worst_vs_{short}{suffix}.png"
+                self._plot_vs(png, specs, key, [fmt_value(v) for v in self.exp.sweep[key]],
+                              lambda s, k=key: fmt_value(s.params[k]) if k in s.params else None,
+                              lambda s, k=key: " ".join(filter(None, [s.method, label(
+                                  {p: v for p, v in s.params.items() if p != k}, " ")])),
+                              f"Worst-group metric vs {key} {lv}".strip())
+                made.append((png, f"worst-group vs {key}"))
+        if self.level_keys:
+            png = self.out / "plots" / "worst_vs_data_level.png"
+            self._plot_vs(png, self.specs, "data level", [label(lv) for lv in expand_grid(self.exp.data_sweep)],
+                          lambda s: label(s.level), lambda s: s.title, "Worst-group metric vs data level (imbalance)")
+            made.append((png, "worst-group vs data level"))
+        if made:
+            doc.heading("Plots")
+        for png, alt in made:
+            doc.image(png, alt, png.relative_to(self.out).as_posix())
+
+    def _plot_vs(self, png: Path, specs: list[RunSpec], xlabel: str, xs: list[str],
+                 x_of: Callable[[RunSpec], str | None], name_of: Callable[[RunSpec], str], title: str) -> None:
+        """Worst-group mean ± std at each x; one line per ``name_of``; a run without an x value is a constant."""
+        series: dict[str, list[tuple[float, float] | None]] = {}
+        constant: set[str] = set()
+        for runs in by_variant(specs).values():
+            x, name = x_of(runs[0]), name_of(runs[0])
+            line = series.setdefault(name, [None] * len(xs))
+            ms = mean_std([r.result[WORST] for r in runs])
+            if x is None:
+                line[:] = [(ms.mean, ms.std)] * len(xs)
+                constant.add(name)
+            else:
+                line[xs.index(x)] = (ms.mean, ms.std)
+        plot_lines(png, title, xlabel, xs, series, constant)
+
+
+def read_group_weights(run_dir: Path) -> tuple[dict[int, list[float]], set[int]]:
+    """``{step: [q_g ...]}`` from a run's train_log.jsonl ({} when the method logs no group weights), and the
+    groups that had samples in some logged batch."""
+    path = run_dir / "train_log.jsonl"
+    if not path.exists():
+        return {}, set()
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    seen = {g for r in rows for g, n in enumerate(r.get("group_count", [])) if n > 0}
+    return {r["step"]: r["group_weight"] for r in rows if "group_weight" in r}, seen
+
+
+def _figure(n: int = 1, ncols: int = 1) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.6 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunSpec]], title: str) -> None:
+    """One panel per method variant: each group's weight over steps, averaged over the seeds."""
+    fig, axes = _figure(len(variants), min(3, len(variants)))
+    for ax, runs in zip(axes, variants.values()):
+        read = [read_group_weights(r.run_dir) for r in runs]
+        logs = [lg for lg, _ in read]
+        seen = set().union(*(sn for _, sn in read))
+        steps = sorted(set.intersection(*(set(lg) for lg in logs)))
+        n_groups = len(logs[0][steps[0]]) if steps else 0
+        name = [runs[0].groups[g] if g < len(runs[0].groups) else f"group {g}" for g in range(n_groups)]
+        # groups that never appear in training (e.g. M&Ms vendors C and D) keep a weight that only shrinks by
+        # renormalisation; drawing it would squash the curves that matter, so the panel names them instead
+        unseen = [g for g in range(n_groups) if g not in seen]
+        for g in range(n_groups):
+            if g in seen:
+                ax.plot(steps, [sum(lg[s][g] for lg in logs) / len(logs) for s in steps], label=name[g])
+        note = f"\nnot shown: {', '.join(name[g] for g in unseen)} (no training samples)" if unseen else ""
+        ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds){note}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("group weight q_g")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    save_figure(fig, png)
+
+
+def plot_lines(png: Path, title: str, xlabel: str, xs: list[str], series: dict[str, list[tuple[float, float] | None]],
+               constant: set[str] = frozenset()) -> None:
+    """Categorical x, one line (mean ± std error bars) per series; ``constant`` series dashed, without bars.
+
+    Series are shifted by a small x offset each so that equal values stay visible.
+    """
+    fig, (ax,) = _figure()
+    varying = [n for n in series if n not in constant]
+    for name, points in series.items():
+        pos = [i for i, p in enumerate(points) if p is not None]
+        mean = [points[i][0] for i in pos]
+        if name in constant:
+            ax.plot(pos, mean, linestyle="--", label=f"{name} (not swept)")
+            continue
+        shift = 0.04 * (varying.index(name) - (len(varying) - 1) / 2)
+        ax.errorbar([i + shift for i in pos], mean, [0.0 if math.isnan(points[i][1]) else points[i][1] for i in pos],
+                    marker="o", capsize=3, label=name)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("worst-group metric (test)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    save_figure(fig, png)

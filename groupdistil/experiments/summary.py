@@ -1,0 +1,91 @@
+"""The results of a finished grid: each run's test metrics, runs grouped by variant, and the paired tests.
+
+Statistics: :mod:`groupdistil.stats`. A pair ``[A, B]`` of the experiment compares, within each data level, every
+variant of A with every variant of B whose swept values agree on their common keys: a paired t-test across seeds on
+the worst-group and the average metric and, when the pipeline's ``case_scores`` gives per-case scores, a Wilcoxon
+test across the cases of B's worst group (the group with the lowest mean over B's seeds).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..pipeline import Pipeline
+from ..stats import PairedTest, mean_std, pair_cases, paired_t, wilcoxon_paired
+from .plan import RunSpec
+from .schema import Experiment
+
+WORST, AVERAGE = "worst_group_metric", "average_metric"
+
+
+def read_results(specs: list[RunSpec]) -> list[str]:
+    """Fill each spec's ``result`` with its test metrics (flat: worst, average, ``group.<name>``); the group names."""
+    groups: list[str] = []
+    for spec in specs:
+        m = json.loads((spec.run_dir / "metrics.json").read_text())
+        test = m["test"]
+        spec.result = {WORST: float(test[WORST]), AVERAGE: float(test[AVERAGE]),
+                       **{f"group.{g}": float(v) for g, v in test["group_metric"].items()}}
+        spec.groups = list(m.get("groups") or test["group_metric"])
+        groups += [g for g in spec.groups if g not in groups]
+    return groups
+
+
+def by_variant(specs: list[RunSpec]) -> dict[tuple[str, str, str], list[RunSpec]]:
+    """The runs of each variant (data level, method, swept values), in plan order."""
+    out: dict[tuple[str, str, str], list[RunSpec]] = {}
+    for s in specs:
+        out.setdefault(s.variant, []).append(s)
+    return out
+
+
+@dataclass
+class PairRow:
+    level: dict[str, Any]
+    a: RunSpec  # a representative run of each side (for its method and params)
+    b: RunSpec
+    metric: str
+    test: PairedTest | None
+
+    @property
+    def title(self) -> str:
+        return f"{self.a.title} − {self.b.title}"
+
+
+def _compatible(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def paired_comparisons(exp: Experiment, specs: list[RunSpec], pipeline_cls: type[Pipeline]) -> list[PairRow]:
+    """For each data level, pair and each compatible pair of variants: paired t across seeds (worst-group and
+    average metric) and, when the pipeline has per-case scores, Wilcoxon across cases of B's worst group."""
+    groups = by_variant(specs)
+    rows: list[PairRow] = []
+    for (lv, method, _), runs_a in groups.items():
+        for a_name, b_name in exp.pairs:
+            if method != a_name:
+                continue
+            for (lv_b, m_b, _), runs_b in groups.items():
+                if lv_b != lv or m_b != b_name or not _compatible(runs_a[0].params, runs_b[0].params):
+                    continue
+                rows += _pair_tests(runs_a, runs_b, pipeline_cls)
+    return rows
+
+
+def _pair_tests(runs_a: list[RunSpec], runs_b: list[RunSpec], pipeline_cls: type[Pipeline]) -> list[PairRow]:
+    b_by_seed = {s.seed: s for s in runs_b}
+    pairs = [(a, b_by_seed[a.seed]) for a in runs_a if a.seed in b_by_seed]
+    a0, b0, lv = runs_a[0], runs_b[0], runs_a[0].level
+    rows = [PairRow(lv, a0, b0, m, paired_t([a.result[m] for a, _ in pairs], [b.result[m] for _, b in pairs]))
+            for m in (WORST, AVERAGE)]
+    group_means = {k[len("group."):]: mean_std([b.result[k] for b in runs_b]).mean
+                   for k in b0.result if k.startswith("group.")}
+    if not group_means or not pairs:
+        return rows
+    worst = min(group_means, key=group_means.__getitem__)
+    scores = [(pipeline_cls.case_scores(a.run_dir), pipeline_cls.case_scores(b.run_dir)) for a, b in pairs]
+    if all(sa is not None and sb is not None for sa, sb in scores):
+        _, xa, xb = pair_cases([sa for sa, _ in scores], [sb for _, sb in scores], worst)
+        rows.append(PairRow(lv, a0, b0, f"group.{worst}", wilcoxon_paired(xa, xb)))
+    return rows

@@ -1,0 +1,94 @@
+"""What a run prints and logs while it trains: ``train_log.jsonl`` lines (one host sync per flush) and progress."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed as dist_utils
+from .errors import UserError
+
+LOG_KEYS_GROUP = ("group_loss", "group_count", "group_weight")
+
+
+def log(msg: str) -> None:
+    """One line on stderr, from the main process only."""
+    if dist_utils.is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+class StepLogger:
+    """Buffers per-step tensors on the device and writes them to ``train_log.jsonl`` in one host sync per flush."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.buffer: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.last: dict[str, Any] = {}
+
+    def add(self, step: int, values: dict[str, torch.Tensor]) -> None:
+        self.buffer.append((step, values))
+
+    def flush(self) -> None:
+        """Write buffered lines; raise if a loss was not finite (naming the step)."""
+        if not self.buffer:
+            return
+        keys = list(self.buffer[0][1])
+        flat = torch.cat([torch.cat([v[k].reshape(-1).float() for k in keys]) for _, v in self.buffer]).cpu()
+        sizes = [self.buffer[0][1][k].numel() for k in keys]
+        rows = flat.view(len(self.buffer), -1).tolist()
+        lines = []
+        for (step, _), row in zip(self.buffer, rows):
+            rec: dict[str, Any] = {"step": step}
+            pos = 0
+            for k, n in zip(keys, sizes):
+                vals = row[pos:pos + n]
+                pos += n
+                rec[k] = vals if k in LOG_KEYS_GROUP else vals[0]
+            lines.append(rec)
+        self.buffer.clear()
+        bad = next((r for r in lines if not math.isfinite(r["loss"])), None)
+        if self.enabled:
+            good = lines if bad is None else [r for r in lines if r["step"] < bad["step"]]
+            with open(self.path, "a") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in good)
+                fh.flush()
+                os.fsync(fh.fileno())
+        if bad is not None:
+            raise UserError(f"non-finite loss ({bad['loss']}) at step {bad['step']}; training stopped, the last "
+                            f"good checkpoint is kept (lower train.lr or check the data)")
+        self.last = lines[-1]
+
+
+
+class Progress:
+    """tqdm on a terminal; plain periodic lines otherwise (logs of batch jobs stay readable)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.enabled, self.total = enabled, total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        self.t0, self.start = time.time(), start
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, step: int, info: dict[str, Any], every: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if info and step % every == 0:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in info.items()})
+        elif self.enabled and step % every == 0:
+            rate = (step - self.start) / max(1e-9, time.time() - self.t0)
+            extra = " ".join(f"{k} {v:.4g}" for k, v in info.items())
+            log(f"step {step}/{self.total} {extra} ({rate:.2f} steps/s)")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
