@@ -309,7 +309,7 @@ def epoch_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
 # --- student vs teacher inference latency -------------------------------------------------------------------------
 def mms_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
     """The pipeline's whole-volume path (``predict_volume``: SliceInferer, then inversion to the native geometry)
-    on one preprocessed test volume; the ratio uses the SliceInferer seconds it reports (``infer_seconds_per_volume``
+    on one preprocessed test volume; the ratio uses the SliceInferer seconds it reports (``infer_seconds_per_case``
     in ``timing.json``), the whole path is shown too."""
     pipe = pb.cls(pb.student, pb.root)
     image = pipe.case("test", 0).phases["ED"].image

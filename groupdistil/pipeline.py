@@ -128,9 +128,11 @@ class Pipeline(abc.ABC):
 
         Returns JSON-serialisable metrics with at least ``worst_group_metric`` (higher is better; model selection
         uses it on ``val``), ``average_metric`` and ``group_metric`` (``{group name: value}``, the per-group metric
-        whose minimum is ``worst_group_metric``). An optional ``timing`` entry (seconds, e.g.
-        ``infer_seconds_per_case``) is moved by the trainer into ``timing.json`` and the report's ``info``, so
-        ``metrics.json`` stays identical between identical runs. When ``out_dir`` is given, per-case files are written there
+        whose minimum is ``worst_group_metric``). An optional ``timing`` entry (seconds:
+        ``infer_seconds_per_case`` and ``teacher_infer_seconds_per_case``, a case being a volume for M&Ms and an
+        image for Waterbirds) is moved by the trainer into ``timing.json`` and the report's ``info``, so
+        ``metrics.json`` stays identical between identical runs. When ``out_dir`` is given, per-case files are
+        written there
         (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it.
         """
 

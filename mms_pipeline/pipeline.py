@@ -391,11 +391,11 @@ class MMSPipeline(Pipeline):
         pred_dir = None if out_dir is None else prediction_dir(Path(out_dir), split)
         rows, seconds = self.run_split(predict, split, pred_dir)
         result = self.summarise(rows)
-        timing = {"infer_seconds_per_volume": seconds}
+        timing = {"infer_seconds_per_case": seconds}
         if teacher is not None:
             teacher_rows, teacher_seconds = self.run_split(teacher, split, None)
             result["teacher"] = self.summarise(teacher_rows)
-            timing["teacher_infer_seconds_per_volume"] = teacher_seconds
+            timing["teacher_infer_seconds_per_case"] = teacher_seconds
         if out_dir is not None:
             barrier()  # every rank has written its predictions
             if is_main():

@@ -314,10 +314,10 @@ def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
     def params(v: Any) -> str:
         return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
-    rows = [["student", params(info.get("params")), fmt(info.get("infer_seconds_per_volume"), 4)]]
-    if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_volume") is not None:
+    rows = [["student", params(info.get("params")), fmt(info.get("infer_seconds_per_case"), 4)]]
+    if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_case") is not None:
         rows.append(["teacher", params(info.get("teacher_params")),
-                     fmt(info.get("teacher_infer_seconds_per_volume"), 4)])
+                     fmt(info.get("teacher_infer_seconds_per_case"), 4)])
     doc.heading("Model size and speed")
     doc.table(["model", "parameters", "inference s / volume"], rows)
 
@@ -347,8 +347,8 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
     ``metrics``: the engine's metrics.json (``selected_step``, ``val``, ``test``, ``last``); each evaluation holds
     ``by_vendor`` and ``by_centre`` (:func:`mms_pipeline.metrics.summarise`), ``worst_group_metric``,
     ``average_metric``, ``cls_acc_by_vendor``, ``worst_vendor_cls_acc``; any may be missing. ``info``: ``method``,
-    ``seed``, ``train_seconds``, ``params``, ``teacher_params``, ``infer_seconds_per_volume``,
-    ``teacher_infer_seconds_per_volume``; any may be missing.
+    ``seed``, ``train_seconds``, ``params``, ``teacher_params``, ``infer_seconds_per_case``,
+    ``teacher_infer_seconds_per_case``; any may be missing.
     """
     run_dir = Path(run_dir)
     ev = metrics.get("test") or metrics.get("val") or {}

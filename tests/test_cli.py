@@ -278,3 +278,22 @@ def test_rerun_with_a_changed_value_names_the_key(wb_root, tmp_path, capsys):
     assert main(base) == 0
     code, err = run_main(capsys, *base, "--set", "train.lr=0.5")
     assert code == 2 and "made with other settings (train.lr: 0.01 -> 0.5)" in err, err
+
+
+def test_changed_image_content_is_detected(wb_root, tmp_path, capsys):
+    """The data fingerprint reads file content: one image's bytes changed (same size) and a finished run is no
+    longer 'already finished' but refused, naming the data."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(wb_root, root)
+    out = tmp_path / "r"
+    base = ["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(root), "--out", str(out),
+            *TINY, "--max-steps", "2"]
+    assert main(base) == 0
+    img = sorted(root.rglob("*.jpg"))[0]
+    raw = bytearray(img.read_bytes())
+    raw[-3] ^= 0xFF  # inside the JPEG data, before the end marker: same size, other content
+    img.write_bytes(bytes(raw))
+    code, err = run_main(capsys, *base)
+    assert code == 2 and "made with other settings (the data (content fingerprint):" in err, err

@@ -65,7 +65,7 @@ def test_report_renders_tables_plots_and_examples(run: Path) -> None:
     ev = _evaluation(rows)
     metrics = {"selected_step": 120, "val": ev, "test": ev, "last": {"val": ev, "test": ev}}
     info = {"method": "kd_groupdro", "seed": 3, "train_seconds": 12.5, "params": 1_234_567,
-            "teacher_params": 23_456_789, "infer_seconds_per_volume": 0.031, "teacher_infer_seconds_per_volume": 0.2}
+            "teacher_params": 23_456_789, "infer_seconds_per_case": 0.031, "teacher_infer_seconds_per_case": 0.2}
     R.write_mms_report(run, metrics, info)
     md, page = (run / "report.md").read_text(), (run / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 2  # box plots and example slices, embedded
