@@ -63,6 +63,8 @@ class Method(nn.Module):
     """Base class. Subclasses set ``needs_teacher``, ``hparams_spec`` and override ``aggregate``."""
 
     needs_teacher: ClassVar[bool] = False
+    #: True when the method keeps one weight per group (then groups without training samples matter to it)
+    weights_groups: ClassVar[bool] = False
     #: the method's hyperparameters (``method_args`` in a config), declared with their defaults and ranges
     hparams_spec: ClassVar[dict[str, HParam]] = {}
 
@@ -141,6 +143,8 @@ class Method(nn.Module):
 
 class _GroupWeighted(Method):
     """Aggregation by exponentiated-gradient group weights (see :mod:`groupdistil.weighting`)."""
+
+    weights_groups = True
 
     hparams_spec: ClassVar[dict[str, HParam]] = {
         "eta": HParam(0.01, low=0.0, doc="EG step size"),

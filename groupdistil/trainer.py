@@ -82,10 +82,10 @@ class Trainer:
                             f"{data_root})")
         if bs % world:
             raise UserError(f"train.batch_size = {bs} must be divisible by the number of processes ({world})")
-        for name, n in zip(self.cfg["groups"], self.train_counts):
-            if n == 0:
-                log(f"warning: group '{name}' has no training samples; its weight stays defined and only changes "
-                    f"by renormalisation")
+        unseen = [name for name, n in zip(self.cfg["groups"], self.train_counts) if n == 0]
+        if unseen and self.method_cls.weights_groups:
+            log(f"note: group(s) {', '.join(unseen)} have no training samples: their weight is 0 throughout (out of "
+                f"the simplex; the trained groups' weights sum to 1); they are evaluated and reported as unseen")
         self.runtime = Runtime.for_run(self.t, self.device)
         # the teacher is identified by what it is (its run's config hash and the selected step), not where it sits,
         # so a comparison folder can be moved or copied and its finished runs are still recognised
@@ -317,7 +317,9 @@ class Trainer:
             load_checkpoint(self.run_dir / "checkpoints" / "best.pt") if self.main else None)
         selected = copy.deepcopy(self.student)
         selected.load_state_dict(best_state["model"])
-        metrics: dict[str, Any] = {"selected_step": int(best_state["step"]), "groups": self.cfg["groups"]}
+        metrics: dict[str, Any] = {"selected_step": int(best_state["step"]), "groups": self.cfg["groups"],
+                                   "train_group_counts": self.train_counts,
+                                   "unseen_groups": [g for g, n in zip(self.cfg["groups"], self.train_counts) if not n]}
         timing: dict[str, Any] = {"train_seconds": train_seconds}
         last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):

@@ -13,12 +13,16 @@ and the weights take one EG step on the groups present in the batch, then are re
 
 with ``n_g`` the training count of group ``g`` (the generalisation adjustment, C = 0 disables it). The adjustment
 enters the update only, never the returned objective ``sum_g q_g * l_g``. No gradient flows through ``q``.
+A group with no training samples (``n_g = 0``; M&Ms vendors C and D) is out of the simplex: ``q_g = 0`` from the
+start and forever, so the weights of the trained groups sum to 1 and the objective's scale does not drift as the
+unseen groups would otherwise lose mass by renormalisation. Such groups are still evaluated and reported.
 
 Sums and counts are reduced across processes *before* the update (``reduce`` argument), so every rank holds the
 same weights as one process would on the global batch.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -59,7 +63,14 @@ class GroupWeights(nn.Module):
         if eta < 0:
             raise ValueError(f"method_args.eta must be >= 0, got {eta}")
         self.n_groups, self.eta, self.normalize_loss = n_groups, float(eta), normalize_loss
-        self.register_buffer("log_q", torch.full((n_groups,), -torch.log(torch.tensor(float(n_groups))).item()))
+        # groups with no training samples are out of the simplex: weight 0 (log q = -inf) from the start, never
+        # updated (they are never in a batch); the trained groups start uniform and their weights sum to 1
+        trained = (torch.ones(n_groups, dtype=torch.bool) if train_counts is None
+                   else torch.as_tensor(train_counts) > 0)
+        if not trained.any():
+            raise ValueError("no group has training samples")
+        log_q = torch.full((n_groups,), -math.log(int(trained.sum())))
+        self.register_buffer("log_q", log_q.masked_fill(~trained, -math.inf))
         adj = torch.zeros(n_groups)
         if adj_c:
             if train_counts is None:

@@ -61,14 +61,15 @@ class ToyNet(nn.Module):
 
 class ToyPipeline(Pipeline):
     name = "toy"
-    defaults: dict[str, dict[str, Any]] = {"data": {"n_train": 192, "augment": False},
+    defaults: dict[str, dict[str, Any]] = {"data": {"n_train": 192, "augment": False,
+                                                    "group_props": [0.7, 0.2, 0.1]},
                                            "model": {"width": 8, "n_cls": 2}, "eval": {}}
     run_outputs = ("toy_*.json",)
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         super().__init__(cfg, data_root)
         d = cfg["data"]
-        self.train = make_data(d["n_train"], 0)
+        self.train = make_data(d["n_train"], 0, tuple(d["group_props"]))
         self.splits = {"val": make_data(96, 1, (1 / 3, 1 / 3, 1 / 3)), "test": make_data(96, 2, (1 / 3, 1 / 3, 1 / 3))}
 
     @property

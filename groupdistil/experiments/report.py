@@ -161,6 +161,8 @@ class Writer:
             doc.heading("Plots")
         for png, alt in made:
             doc.image(png, alt, png.relative_to(self.out).as_posix())
+            if alt == "group weights":
+                doc.para(WEIGHTS_NOTE, note=True)
 
     def _plot_vs(self, png: Path, specs: list[RunSpec], xlabel: str, xs: list[str],
                  x_of: Callable[[RunSpec], str | None], name_of: Callable[[RunSpec], str], title: str) -> None:
@@ -201,6 +203,15 @@ def _figure(n: int = 1, ncols: int = 1) -> tuple[Any, list[Any]]:
     return fig, axes[:n]
 
 
+WEIGHTS_NOTE = (
+    "How to read the group weights: at every step exponentiated-gradient ascent multiplies each trained group's "
+    "weight by exp(eta x its loss in the batch) and renormalises, so a group's weight grows while its training loss "
+    "is above the others'. Groups without training samples have weight 0 throughout (not drawn). A majority group "
+    "ending above the minority means the minority's training loss was lower: its few cases were fitted "
+    "(memorised) sooner, which is the failure the group DRO paper warns about, not evidence that the minority is "
+    "served well; its test metric above says how it was served.")
+
+
 def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunSpec]], title: str) -> None:
     """One panel per method variant: each group's weight over steps, averaged over the seeds."""
     fig, axes = _figure(len(variants), min(3, len(variants)))
@@ -211,13 +222,13 @@ def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunS
         steps = sorted(set.intersection(*(set(lg) for lg in logs)))
         n_groups = len(logs[0][steps[0]]) if steps else 0
         name = [runs[0].groups[g] if g < len(runs[0].groups) else f"group {g}" for g in range(n_groups)]
-        # groups that never appear in training (e.g. M&Ms vendors C and D) keep a weight that only shrinks by
-        # renormalisation; drawing it would squash the curves that matter, so the panel names them instead
+        # groups that never appear in training (e.g. M&Ms vendors C and D) have weight 0 throughout; the panel names
+        # them instead of drawing a flat line at 0
         unseen = [g for g in range(n_groups) if g not in seen]
         for g in range(n_groups):
             if g in seen:
                 ax.plot(steps, [sum(lg[s][g] for lg in logs) / len(logs) for s in steps], label=name[g])
-        note = f"\nnot shown: {', '.join(name[g] for g in unseen)} (no training samples)" if unseen else ""
+        note = f"\nnot shown: {', '.join(name[g] for g in unseen)} (no training samples: weight 0)" if unseen else ""
         ax.set_title(f"{runs[0].title} (mean of {len(runs)} seeds){note}", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel("group weight q_g")

@@ -260,4 +260,4 @@ def test_group_weight_plot_leaves_out_groups_never_trained_on(tmp_path, monkeypa
     report.plot_group_weights(tmp_path / "w.png", {("", "groupdistil", ""): [spec]}, "weights")
     (ax,) = [a for a in figs[0].axes if a.get_visible()]
     assert [ln.get_label() for ln in ax.get_lines()] == ["A", "B"]
-    assert "not shown: C, D (no training samples)" in ax.get_title()
+    assert "not shown: C, D (no training samples: weight 0)" in ax.get_title()

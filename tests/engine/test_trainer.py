@@ -138,3 +138,25 @@ def test_sampler_shards_are_the_single_process_batch():
     shards = [StepBatchSampler(100, 8, 3, rank=r, world_size=2).batch_keys(17) for r in range(2)]
     assert shards[0] + shards[1] == single
     assert StepBatchSampler(100, 8, 3).batch_keys(17) == single  # a pure function of (seed, step)
+
+
+def test_unseen_group_keeps_weight_zero_in_a_real_run(toy_cfg, teacher_dir, tmp_path, capsys):
+    """A group with no training samples: weight exactly 0 at every step, the others sum to 1, the EG identity holds
+    over the trained groups, and the group is still evaluated (and named unseen in metrics.json)."""
+    cfg = deep_merge(toy_cfg, {"method": "groupdistil", "method_args": {"eta": 0.5},
+                               "data": {"group_props": [0.8, 0.2, 0.0]}})
+    run(cfg, tmp_path / "gd", teacher_path=str(teacher_dir))
+    assert "group(s) g2 have no training samples: their weight is 0 throughout" in capsys.readouterr().err
+    rows = read_log(tmp_path / "gd" / "train_log.jsonl")
+    prev = [0.5, 0.5]
+    for r in rows:
+        q, l = r["group_weight"], r["group_loss"]
+        assert q[2] == 0.0 and r["group_count"][2] == 0 and abs(q[0] + q[1] - 1) < 1e-6
+        diffs = [math.log(q[g]) - math.log(prev[g]) - 0.5 * l[g] for g in range(2)]
+        assert max(diffs) - min(diffs) < 1e-5
+        prev = q[:2]
+    m = json.loads((tmp_path / "gd" / "metrics.json").read_text())
+    assert m["unseen_groups"] == ["g2"] and m["train_group_counts"][2] == 0 and "g2" in m["test"]["group_metric"]
+    erm = deep_merge(toy_cfg, {"data": {"group_props": [0.8, 0.2, 0.0]}})
+    run(erm, tmp_path / "erm")
+    assert "no training samples" not in capsys.readouterr().err  # says nothing where it means nothing

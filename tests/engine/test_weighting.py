@@ -113,3 +113,15 @@ def test_normalize_loss_by_hand():
     raw = [math.exp(2.0 * a[0]), math.exp(2.0 * a[1]), 1.0]
     assert_close(logs["group_weight"], torch.tensor([r / sum(raw) for r in raw]))
     assert_close(logs["group_loss"], torch.tensor([2.0, 2.0, 0.0]))  # logged: the plain group means
+
+
+def test_groups_without_training_samples_are_out_of_the_simplex():
+    w = GroupWeights(3, eta=1.0, train_counts=[5, 0, 2])
+    assert_close(w.q, torch.tensor([0.5, 0.0, 0.5]))
+    for losses, groups in ((torch.tensor([1.0, 3.0]), torch.tensor([0, 2])), (torch.tensor([2.0]), torch.tensor([0]))):
+        obj, logs = w(losses, groups)
+        q = logs["group_weight"]
+        assert q[1].item() == 0.0 and math.isclose(float(q[0] + q[2]), 1.0, rel_tol=1e-6)
+        assert torch.isfinite(obj)
+    raw = [math.exp(1.0 + 2.0), math.exp(3.0)]  # two EG steps of group 0 (losses 1, 2), one of group 2 (loss 3)
+    assert_close(w.q, torch.tensor([raw[0] / sum(raw), 0.0, raw[1] / sum(raw)]))
