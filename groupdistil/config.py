@@ -278,6 +278,9 @@ def select_method_args(cfg: dict[str, Any], explicit: dict[str, Any], source: st
         why = spec[k].problem(v)
         if why:
             raise UserError(f"{source}: method_args.{k} {why} (got {v!r})")
+    why = method_cls.hparams_problem(args)
+    if why:
+        raise UserError(f"{source}: method '{cfg['method']}': {why}")
     cfg["method_args"] = args
     return dropped
 

@@ -79,9 +79,9 @@ class ClassificationLoss:
     def __call__(self, logits: Tensor, target: Tensor, teacher_logits: Tensor | None) -> dict[str, Tensor]:
         ce = per_sample_ce(logits, target)
         if teacher_logits is None:
-            return {"ce": ce, "total": ce}
+            return {"ce": ce, "total": ce, "label": ce}
         kd = kd_term(logits, teacher_logits, self.tau)
-        return {"ce": ce, "kd": kd, "total": self.alpha * ce + (1.0 - self.alpha) * kd}
+        return {"ce": ce, "kd": kd, "total": self.alpha * ce + (1.0 - self.alpha) * kd, "label": ce}
 
 
 class SegmentationLoss:
@@ -101,6 +101,7 @@ class SegmentationLoss:
         dice = self.dice(logits, target)
         ce = per_sample_ce(logits, target)
         out = {"dice": dice, "ce": ce, "total": self.lambda_dice * dice + self.lambda_ce * ce}
+        out["label"] = out["total"]
         if teacher_logits is not None:
             out["kd"] = kd_term(logits, teacher_logits, self.tau)
             out["total"] = out["total"] + self.lambda_kd * out["kd"]
@@ -114,7 +115,8 @@ class TaskLoss:
     """Per-sample loss of a model with one or more heads: ``sum_h w_h * loss_h``.
 
     ``outputs`` and ``teacher_outputs`` map head names to logits; the target of head ``h`` is ``batch[h]``.
-    Returns ``{"total": (B,), "<head>/<term>": (B,), ...}``.
+    Returns ``{"total": (B,), "label": (B,), "<head>/<term>": (B,), ...}``; ``label`` is the loss without the KD
+    term (what the model would be trained on without a teacher), the same function for a student and a teacher.
     """
 
     def __init__(self, heads: dict[str, float], cfg: dict[str, Any]) -> None:
@@ -130,13 +132,15 @@ class TaskLoss:
     def __call__(self, outputs: dict[str, Tensor], batch: dict[str, Tensor],
                  teacher_outputs: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         total: Tensor | None = None
+        label: Tensor | None = None
         terms: dict[str, Tensor] = {}
         for head, weight in self.weights.items():
             t_logits = None if teacher_outputs is None else teacher_outputs[head]
             parts = self.losses[head](outputs[head], batch[head], t_logits)
             for k, v in parts.items():
-                if k != "total":
+                if k not in ("total", "label"):
                     terms[f"{head}/{k}"] = v
             total = weight * parts["total"] if total is None else total + weight * parts["total"]
-        assert total is not None, "TaskLoss needs at least one head"
-        return {"total": total, **terms}
+            label = weight * parts["label"] if label is None else label + weight * parts["label"]
+        assert total is not None and label is not None, "TaskLoss needs at least one head"
+        return {"total": total, "label": label, **terms}

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .losses import TaskLoss
 from .registry import Registry
 from .runtime import Runtime
-from .weighting import GroupWeights, reduced_group_means
+from .weighting import GroupWeights, group_sums, reduced_group_means
 
 METHODS: Registry[type["Method"]] = Registry("method")
 
@@ -44,9 +44,12 @@ class HParam:
     low: float | None = None  # inclusive bounds of a number
     high: float | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()  # the allowed values of a string
 
     def problem(self, value: Any) -> str:
         """Why ``value`` is not allowed ("" when it is)."""
+        if self.choices:
+            return "" if value in self.choices else f"must be one of {', '.join(self.choices)}"
         if isinstance(self.default, bool):
             return "" if isinstance(value, bool) else "must be true or false"
         if isinstance(self.default, (int, float)):
@@ -72,8 +75,14 @@ class Method(nn.Module):
     def defaults(cls) -> dict[str, Any]:
         return {k: p.default for k, p in cls.hparams_spec.items()}
 
+    @classmethod
+    def hparams_problem(cls, hparams: dict[str, Any]) -> str:
+        """Why this combination of (individually valid) hyperparameters cannot work ("" when it can)."""
+        return ""
+
     def __init__(self, student: nn.Module, criterion: TaskLoss, n_groups: int, train_counts: list[int],
-                 hparams: dict[str, Any], teacher: TeacherFn | None = None, runtime: Runtime | None = None) -> None:
+                 hparams: dict[str, Any], teacher: TeacherFn | None = None, runtime: Runtime | None = None,
+                 heldout: list[dict[str, Tensor]] | None = None) -> None:
         """Args:
             student: the model trained (already on ``runtime.device``).
             criterion: per-sample losses of every head (:class:`~groupdistil.losses.TaskLoss`).
@@ -82,6 +91,8 @@ class Method(nn.Module):
             teacher: ``batch -> {head: logits}`` (frozen), for the methods that distil.
             runtime: device, autocast, all-reduce, gradient scale and clipping, optimizer and scheduler factories,
                 DDP wrapper (:class:`~groupdistil.runtime.Runtime`; default: one CPU process, SGD lr 1e-3).
+            heldout: batches (on the device) of labelled training samples the sampler never draws, for the
+                ``heldout`` signal (:meth:`needs_heldout`).
         """
         super().__init__()
         if self.needs_teacher and teacher is None:
@@ -97,6 +108,7 @@ class Method(nn.Module):
         self.train_counts = list(train_counts)
         self.hparams = {**self.defaults(), **hparams}
         self.teacher = teacher if self.needs_teacher else None
+        self.heldout = heldout or []
         # the forward pass goes through the (DDP-)wrapped student; kept out of the module tree so that the student's
         # weights appear once in state_dict()
         self.__dict__["forward_model"] = self.runtime.wrap(student)
@@ -111,8 +123,16 @@ class Method(nn.Module):
         teacher_out = self.teacher(batch) if self.teacher is not None else None
         return self.criterion(outputs, batch, teacher_out)
 
-    def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Plain mean over the batch. Logs the global-batch mean and per-group means (no host sync)."""
+    @classmethod
+    def needs_heldout(cls, hparams: dict[str, Any]) -> bool:
+        """True when the method wants held-out batches (the trainer then keeps them out of the sampler)."""
+        return False
+
+    def aggregate(self, terms: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Plain mean over the batch. Logs the global-batch mean and per-group means (no host sync).
+
+        ``terms`` are :meth:`per_sample`'s per-sample losses (``total`` is the training loss)."""
+        losses, groups = terms["total"], batch["group"]
         _, means, counts = reduced_group_means(losses.detach().float(), groups, self.n_groups, self.runtime.reduce)
         logs = {"loss": (means * counts).sum() / counts.sum(), "group_loss": means, "group_count": counts}
         return losses.mean(), logs
@@ -123,7 +143,7 @@ class Method(nn.Module):
         with self.runtime.autocast():
             outputs = self.forward_model(batch["x"])
             terms = self.per_sample(batch, outputs)
-            loss, logs = self.aggregate(terms["total"], batch["group"])
+            loss, logs = self.aggregate(terms, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.runtime.grad_clip > 0:
@@ -132,7 +152,7 @@ class Method(nn.Module):
         if self.scheduler is not None:
             self.scheduler.step()
         out = {"loss": logs.pop("loss")}
-        out.update({k: v.detach().float().mean() for k, v in terms.items() if k != "total"})
+        out.update({k: v.detach().float().mean() for k, v in terms.items() if "/" in k})
         out.update(logs)
         return out
 
@@ -141,25 +161,105 @@ class Method(nn.Module):
         return self.runtime.predictor(self.student)(x)
 
 
+SIGNALS = ("train", "heldout", "excess")
+
+
 class _GroupWeighted(Method):
-    """Aggregation by exponentiated-gradient group weights (see :mod:`groupdistil.weighting`)."""
+    """Aggregation by exponentiated-gradient group weights (see :mod:`groupdistil.weighting`).
+
+    The signal the EG step ascends (``method_args.signal``), per group ``g``:
+
+    - ``train`` (the paper): the minibatch mean training loss ``l_g``;
+    - ``heldout``: the mean training loss (same per-sample loss, no gradient) of the current student on held-out
+      labelled training cases of ``g`` that the sampler never draws, refreshed every ``heldout_every`` steps;
+    - ``excess``: ``max(0, mean_g(label loss of the student) - mean_g(label loss of the teacher))`` on the minibatch,
+      the label loss being the loss without the KD term (DoReMi's excess loss, the teacher as reference model).
+
+    The objective is always ``sum_g q_g * l_g`` on the minibatch.
+    """
 
     weights_groups = True
 
     hparams_spec: ClassVar[dict[str, HParam]] = {
         "eta": HParam(0.01, low=0.0, doc="EG step size"),
         "adj_c": HParam(0.0, low=0.0, doc="generalisation adjustment C / sqrt(n_g), in the update only"),
-        "normalize_loss": HParam(False, doc="divide the (adjusted) group losses by their sum before the step"),
+        "normalize_loss": HParam(False, doc="divide the (adjusted) group signals by their sum before the step"),
+        "signal": HParam("train", choices=SIGNALS, doc="what EG ascends: train | heldout | excess"),
+        "heldout_every": HParam(25, low=1, doc="heldout: refresh the held-out losses every N steps"),
+        "heldout_fraction": HParam(0.1, low=0.0, high=0.5,
+                                   doc="heldout: share of each group's training cases held out (at least one)"),
     }
+
+    @classmethod
+    def hparams_problem(cls, hparams: dict[str, Any]) -> str:
+        if hparams.get("signal") == "excess" and not cls.needs_teacher:
+            return "signal 'excess' needs a teacher as the reference model (use groupdistil)"
+        return ""
+
+    @classmethod
+    def needs_heldout(cls, hparams: dict[str, Any]) -> bool:
+        return hparams.get("signal") == "heldout"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         h = self.hparams
         self.weights = GroupWeights(self.n_groups, eta=h["eta"], adj_c=h["adj_c"], train_counts=self.train_counts,
                                     normalize_loss=h["normalize_loss"])
+        if h["signal"] == "heldout" and not self.heldout:
+            raise ValueError("signal 'heldout' needs held-out batches")
+        # the held-out signal, its counts and the number of updates so far: buffers, so a resume is exact
+        self.register_buffer("heldout_signal", torch.zeros(self.n_groups))
+        self.register_buffer("heldout_counts", torch.zeros(self.n_groups))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._updates: int | None = 0
 
-    def aggregate(self, losses: Tensor, groups: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        objective, logs = self.weights(losses, groups, reduce=self.runtime.reduce, scale=self.runtime.grad_scale)
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().load_state_dict(*args, **kwargs)
+        self._updates = None  # read from the restored buffer at the next update
+        return out
+
+    def per_sample(self, batch: dict[str, Tensor], outputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.hparams["signal"] != "excess":
+            return super().per_sample(batch, outputs)
+        teacher_out = self.teacher(batch)
+        terms = self.criterion(outputs, batch, teacher_out)
+        with torch.no_grad():
+            terms["excess"] = terms["label"].detach().float() - self.criterion(teacher_out, batch)["label"].float()
+        return terms
+
+    @torch.no_grad()
+    def refresh_heldout(self) -> None:
+        """Mean per-group training loss of the current student on the held-out batches (no gradient)."""
+        self.forward_model.eval()
+        sums = torch.zeros(self.n_groups, device=self.heldout_signal.device)
+        counts = torch.zeros_like(sums)
+        for b in self.heldout:
+            with self.runtime.autocast():
+                loss = self.per_sample(b, self.forward_model(b["x"]))["total"].float()
+            s, c = group_sums(loss, b["group"], self.n_groups)
+            sums, counts = sums + s, counts + c
+        stats = self.runtime.reduce(torch.stack([sums, counts]))
+        self.heldout_signal.copy_(stats[0] / stats[1].clamp_min(1))
+        self.heldout_counts.copy_(stats[1])
+        self.forward_model.train()
+
+    def aggregate(self, terms: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        signal = counts = None
+        kind = self.hparams["signal"]
+        if self._updates is None:  # the step count as a Python int: one host read after construction or resume
+            self._updates = int(self.updates)
+        if kind == "heldout":
+            if self._updates % self.hparams["heldout_every"] == 0:
+                self.refresh_heldout()
+            signal, counts = self.heldout_signal, self.heldout_counts
+        elif kind == "excess":
+            _, means, counts = reduced_group_means(terms["excess"], batch["group"], self.n_groups,
+                                                   self.runtime.reduce)
+            signal = means.clamp_min(0.0)
+        self.updates += 1
+        self._updates += 1
+        objective, logs = self.weights(terms["total"], batch["group"], reduce=self.runtime.reduce,
+                                       scale=self.runtime.grad_scale, signal=signal, signal_counts=counts)
         logs["loss"] = (logs["group_weight"] * logs["group_loss"]).sum()  # the objective on the global batch
         return objective, logs
 

@@ -78,6 +78,11 @@ class Pipeline(abc.ABC):
     def train_groups(self) -> torch.Tensor:
         """Group index of every training sample, long ``(N,)`` (for group-balanced sampling)."""
 
+    def train_cases(self) -> list[str]:
+        """The case (subject, image) of every training sample, in dataset order: samples of one case are held out
+        together (the ``heldout`` signal). Default: every sample its own case."""
+        return [str(i) for i in range(sum(self.train_group_counts))]
+
     @abc.abstractmethod
     def train_is_random(self) -> bool:
         """True when training samples are randomly augmented (then teacher outputs cannot be cached)."""

@@ -14,7 +14,7 @@ import torch
 from . import distributed as dist_utils
 from .errors import UserError
 
-LOG_KEYS_GROUP = ("group_loss", "group_count", "group_weight")
+LOG_KEYS_GROUP = ("group_loss", "group_count", "group_signal", "group_weight")
 
 
 def log(msg: str) -> None:

@@ -21,7 +21,14 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Infinite stream of batches of ``(index, aug_seed)`` keys starting at ``start_step``."""
 
     def __init__(self, n_samples: int, global_batch: int, seed: int, start_step: int = 0,
-                 groups: torch.Tensor | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 groups: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
+                 indices: torch.Tensor | None = None) -> None:
+        """``indices``: the dataset indices it may draw (default all ``n_samples``; the held-out ones left out);
+        ``groups``: the group of every dataset index, for group-balanced sampling."""
+        self.indices = indices
+        if indices is not None:
+            groups = None if groups is None else groups[indices]
+            n_samples = len(indices)
         if global_batch % world_size:
             raise ValueError(f"train.batch_size ({global_batch}) must be divisible by the number of processes "
                              f"({world_size})")
@@ -39,8 +46,10 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * _MIX + epoch) % (2**63))
         if self.probs is not None:
-            return torch.multinomial(self.probs, self.n, replacement=True, generator=g)
-        return torch.randperm(self.n, generator=g)
+            order = torch.multinomial(self.probs, self.n, replacement=True, generator=g)
+        else:
+            order = torch.randperm(self.n, generator=g)
+        return order if self.indices is None else self.indices[order]
 
     def batch_keys(self, step: int, order: torch.Tensor | None = None) -> list[tuple[int, int]]:
         epoch, b = divmod(step, self.batches_per_epoch)
@@ -59,3 +68,19 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
                 epoch, order = e, self.epoch_order(e)
             yield self.batch_keys(step, order)
             step += 1
+
+
+def heldout_split(cases: list[str], groups: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Dataset indices of whole cases held out of training, ``fraction`` of each group's cases (at least one case
+    of every group that has two or more; none of a group with a single case), drawn with ``seed``. Sorted."""
+    held: list[int] = []
+    g = torch.Generator().manual_seed((seed * _MIX + 12345) % (2**63))
+    for grp in sorted(set(groups.tolist())):
+        members = [i for i in range(len(cases)) if int(groups[i]) == grp]
+        names = sorted({cases[i] for i in members})
+        if len(names) < 2:
+            continue
+        k = min(len(names) - 1, max(1, round(fraction * len(names))))
+        chosen = {names[j] for j in torch.randperm(len(names), generator=g)[:k].tolist()}
+        held += [i for i in members if cases[i] in chosen]
+    return torch.tensor(sorted(held), dtype=torch.long)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
 from .checkpoint import CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, rng_state, set_rng_state
-from .config import config_diff, config_hash, dump_yaml
+from .config import config_diff, config_hash, dump_yaml, select_method_args
 from .errors import UserError
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
@@ -33,7 +33,7 @@ from .pipeline import Pipeline
 from .progress import Progress, StepLogger, log
 from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
 from .runtime import Runtime, count_params, pick_device
-from .sampling import StepBatchSampler
+from .sampling import StepBatchSampler, heldout_split
 from .teacher import Teacher
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
@@ -64,6 +64,7 @@ class Trainer:
         self.main = dist_utils.is_main()
         seed_everything(cfg["seed"])
         self.method_cls = _method_class(cfg["method"])
+        select_method_args(cfg, cfg["method_args"], "method_args")  # defaults filled, ranges checked
         if self.method_cls.needs_teacher:
             if not teacher_path:
                 raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
@@ -188,20 +189,46 @@ class Trainer:
             teacher = Teacher(tm, self.runtime.autocast)
             self.teacher_model = tm
         criterion = TaskLoss(heads, self.cfg["loss"])
-        self.method: Method = self.method_cls(self.student, criterion, self.n_groups, self.train_counts,
-                                              self.cfg["method_args"], teacher=teacher,
-                                              runtime=self.runtime).to(self.device)
         self.dataset = self.pipeline.train_dataset()
+        heldout, counts = self.heldout_batches()
+        self.method: Method = self.method_cls(self.student, criterion, self.n_groups, counts,
+                                              self.cfg["method_args"], teacher=teacher, runtime=self.runtime,
+                                              heldout=heldout).to(self.device)
         if teacher is not None and self.t["teacher_cache"] == "auto" and not self.pipeline.train_is_random():
             t0 = time.time()
             dtype = torch.float32 if self.device.type == "cpu" else torch.float16
             teacher.build_cache(self.dataset, self.device, self.t["batch_size"], self.t["num_workers"], dtype)
             log(f"teacher outputs cached for {len(self.dataset)} training samples in {time.time() - t0:.1f}s")
 
+    def heldout_batches(self) -> tuple[list[dict[str, torch.Tensor]] | None, list[int]]:
+        """For the ``heldout`` signal: whole training cases kept out of the sampler (``self.heldout_idx``), as
+        batches on the device (this rank's share); and the training counts of the groups without them."""
+        self.heldout_idx = torch.zeros(0, dtype=torch.long)
+        if not self.method_cls.needs_heldout(self.cfg["method_args"]):
+            return None, self.train_counts
+        cases, groups = self.pipeline.train_cases(), self.pipeline.train_groups()
+        self.heldout_idx = heldout_split(cases, groups, self.cfg["method_args"]["heldout_fraction"], self.cfg["seed"])
+        if not len(self.heldout_idx):
+            raise UserError("method_args.signal 'heldout': no group has two or more training cases to hold one out")
+        held = sorted({cases[i] for i in self.heldout_idx.tolist()})
+        log(f"held out of training for the heldout signal: {len(self.heldout_idx)} samples of {len(held)} cases")
+        keys = [(int(i), 0) for i in self.heldout_idx[dist_utils.rank()::dist_utils.world_size()]]
+        bs = self.t["batch_size"]
+        loader = DataLoader(self.dataset, batch_sampler=[keys[k:k + bs] for k in range(0, len(keys), bs)])
+        batches = [{k: v.to(self.device) for k, v in b.items()} for b in loader]
+        counts = torch.bincount(groups, minlength=self.n_groups) - torch.bincount(
+            groups[self.heldout_idx], minlength=self.n_groups)
+        return batches, counts.tolist()
+
     def loader(self, start_step: int) -> DataLoader:
         groups = self.pipeline.train_groups() if self.t["balanced_sampling"] else None
+        keep = None
+        if len(self.heldout_idx):
+            mask = torch.ones(len(self.dataset), dtype=torch.bool)
+            mask[self.heldout_idx] = False
+            keep = mask.nonzero().flatten()
         sampler = StepBatchSampler(len(self.dataset), self.t["batch_size"], self.cfg["seed"], start_step, groups,
-                                   dist_utils.rank(), dist_utils.world_size())
+                                   dist_utils.rank(), dist_utils.world_size(), keep)
         nw = self.t["num_workers"]
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=nw, persistent_workers=nw > 0,
                           pin_memory=self.device.type == "cuda", prefetch_factor=4 if nw > 0 else None)

@@ -95,9 +95,10 @@ class GroupWeights(nn.Module):
         self.log_q.sub_(torch.logsumexp(self.log_q, 0))
         return self.q
 
-    def forward(self, losses: Tensor, groups: Tensor,
-                reduce: Callable[[Tensor], Tensor] = lambda t: t, scale: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-        """Update the weights from a minibatch and return the objective ``sum_g q_g * l_g``.
+    def forward(self, losses: Tensor, groups: Tensor, reduce: Callable[[Tensor], Tensor] = lambda t: t,
+                scale: float = 1.0, signal: Tensor | None = None,
+                signal_counts: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Update the weights and return the objective ``sum_g q_g * l_g`` of this minibatch.
 
         Args:
             losses: per-sample losses ``(B,)`` (with gradient).
@@ -105,11 +106,17 @@ class GroupWeights(nn.Module):
             reduce: sums ``(2, G)`` [sums; counts] across processes (identity in a single process).
             scale: multiplies the objective; ``world_size`` under DDP, whose gradient averaging divides by it, so
                 that the gradient equals the one of ``sum_g q_g * S_g / N_g`` on the global batch.
+            signal: the per-group values ``(G,)`` the EG step ascends (already reduced over processes); by
+                default the minibatch group losses ``l_g`` (the paper). ``signal_counts`` ``(G,)`` says which groups
+                it covers (> 0); by default the minibatch counts.
         Returns:
             the objective (scalar, differentiable) and detached logs ``group_loss``, ``group_count``,
-            ``group_weight`` (the weights after the update).
+            ``group_signal`` (what the step ascended), ``group_weight`` (the weights after the update).
         """
         sums, group_loss, global_counts = reduced_group_means(losses.float(), groups, self.n_groups, reduce)
-        q = self.step(group_loss, global_counts)
+        if signal is None:
+            signal, signal_counts = group_loss, global_counts
+        q = self.step(signal, global_counts if signal_counts is None else signal_counts)
         objective = scale * (q * (sums / global_counts.clamp_min(1))).sum()
-        return objective, {"group_loss": group_loss, "group_count": global_counts, "group_weight": q.clone()}
+        return objective, {"group_loss": group_loss, "group_count": global_counts,
+                           "group_signal": signal.detach().float().clone(), "group_weight": q.clone()}

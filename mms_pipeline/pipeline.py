@@ -194,7 +194,7 @@ class MMSPipeline(Pipeline):
 
     @cached_property
     def _train_set(self) -> SliceDataset:
-        xs, segs, groups, classes = [], [], [], []
+        xs, segs, groups, classes, cases = [], [], [], [], []
         for subject in self.splits["train"]:
             vols = data.load_volumes(subject)
             for phase in data.PHASES:
@@ -207,13 +207,16 @@ class MMSPipeline(Pipeline):
                 xs.append(x.float())
                 segs.append(seg)
                 groups += [self.group_index(subject)] * len(x)
+                cases += [subject.code] * len(x)
                 if self.mcfg["classify"]:
                     classes += [self.class_index(subject)] * len(x)
-        return SliceDataset(
+        ds = SliceDataset(
             torch.cat(xs), torch.cat(segs), torch.tensor(groups, dtype=torch.long),
             torch.tensor(classes, dtype=torch.long) if self.mcfg["classify"] else None,
             augmentation(self.dcfg["flip"]) if self.dcfg["augment"] else None,
         )
+        ds.cases = cases  # the subject of every slice (held out together)
+        return ds
 
     @property
     def train_group_counts(self) -> list[int]:
@@ -234,6 +237,9 @@ class MMSPipeline(Pipeline):
 
     def train_groups(self) -> torch.Tensor:
         return self._train_set.group.clone()
+
+    def train_cases(self) -> list[str]:
+        return list(self._train_set.cases)
 
     def train_is_random(self) -> bool:
         return bool(self.dcfg["augment"])

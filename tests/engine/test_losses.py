@@ -89,7 +89,8 @@ def test_classification_loss_combination():
     zs, zt, y = torch.randn(6, 3), torch.randn(6, 3), torch.randint(0, 3, (6,))
     out = ClassificationLoss(alpha=0.3, tau=2.0)(zs, y, zt)
     assert_close(out["total"], 0.3 * per_sample_ce(zs, y) + 0.7 * kd_term(zs, zt, 2.0))
-    assert set(ClassificationLoss()(zs, y, None)) == {"ce", "total"}
+    assert set(ClassificationLoss()(zs, y, None)) == {"ce", "total", "label"}
+    assert_close(out["label"], per_sample_ce(zs, y))  # the label loss: without the KD term
 
 
 def test_segmentation_loss_and_task_loss_weights():
