@@ -85,16 +85,18 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
     schema = config_schema(pipeline_cls)
     for params in variants:
         validate(nest(params), schema, f"{src}: key 'sweep'")
-    teacher = None
+    teachers: dict[str, dict[str, Any]] = {}  # teacher method ('' when there is one teacher) -> its config
     if exp.teacher_config is not None:
-        teacher = resolve_config(exp.teacher_config, deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed}),
-                                 pipeline_cls, f"{src}: key 'teacher_set'")
+        for tm in exp.teacher_methods or [""]:
+            over = deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed, **({"method": tm} if tm else {})})
+            teachers[tm] = resolve_config(exp.teacher_config, over, pipeline_cls, f"{src}: key 'teacher_set'")
     specs: list[RunSpec] = []
     for level in expand_grid(exp.data_sweep):
         root, lout = (data_root / label(level), out / label(level)) if level else (data_root, out)
-        tdir = lout / "teacher" if teacher is not None else None
-        if teacher is not None:
-            specs.append(RunSpec("teacher", exp.teacher_seed, {}, level, copy.deepcopy(teacher), tdir, root))
+        tdirs = {tm: lout / (f"teacher={tm}" if tm else "teacher") for tm in teachers}
+        for tm, tcfg in teachers.items():
+            specs.append(RunSpec("teacher", exp.teacher_seed, {"teacher": tm} if tm else {}, level,
+                                 copy.deepcopy(tcfg), tdirs[tm], root))
         for seed in exp.seeds:
             for method in exp.methods:
                 needs = METHODS.get(method).needs_teacher
@@ -102,7 +104,9 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
                     cfg = deep_merge(students[method], {"seed": seed, **nest(params)})
                     select_method_args(cfg, nest(params).get("method_args") or {}, f"{src}: key 'sweep'")
                     check_ranges(cfg, f"{src}: key 'sweep'")
-                    name = "__".join(filter(None, [method, label(params), f"seed={seed}"]))
-                    specs.append(RunSpec(method, seed, params, level, cfg, lout / "runs" / name, root,
-                                         tdir if needs else None))
+                    for tm in (teachers if needs else [""]):
+                        p = {**params, "teacher": tm} if tm else params
+                        name = "__".join(filter(None, [method, label(p), f"seed={seed}"]))
+                        specs.append(RunSpec(method, seed, p, level, copy.deepcopy(cfg), lout / "runs" / name, root,
+                                             tdirs[tm] if needs else None))
     return specs

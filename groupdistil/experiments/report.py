@@ -22,7 +22,7 @@ from ..report import Doc, fmt, fmt_mean_std, save_figure
 from ..stats import PairedTest, mean_std
 from .plan import RunSpec, expand_grid, fmt_value, label, short_keys
 from .schema import Experiment
-from .summary import AVERAGE, WORST, PairRow, by_variant, paired_comparisons
+from .summary import AVERAGE, VAL_AVERAGE, VAL_WORST, WORST, PairRow, by_variant, paired_comparisons
 
 
 def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -49,7 +49,8 @@ class Writer:
                  out: Path) -> None:
         self.exp, self.pipeline_cls, self.specs, self.out = exp, pipeline_cls, specs, out
         self.metrics = [WORST, AVERAGE, *[f"group.{g}" for g in groups]]
-        self.level_keys, self.sweep_keys = list(exp.data_sweep), list(exp.sweep)
+        self.level_keys = list(exp.data_sweep)
+        self.sweep_keys = list(exp.sweep) + (["teacher"] if exp.teacher_methods else [])
 
     def keys_of(self, s: RunSpec) -> list[Any]:
         return [s.level.get(k) for k in self.level_keys] + [s.params.get(k) for k in self.sweep_keys]
@@ -59,13 +60,14 @@ class Writer:
         variants = by_variant(self.specs)
         pairs = paired_comparisons(self.exp, self.specs, self.pipeline_cls)
         keys = [*self.level_keys, *self.sweep_keys]
-        write_csv(self.out / "runs.csv", ["method", "seed", *keys, *self.metrics, "run_dir"],
-                  [[s.method, s.seed, *self.keys_of(s), *[s.result.get(m) for m in self.metrics],
+        cols = [*self.metrics, VAL_WORST, VAL_AVERAGE]
+        write_csv(self.out / "runs.csv", ["method", "seed", *keys, *cols, "run_dir"],
+                  [[s.method, s.seed, *self.keys_of(s), *[s.result.get(m) for m in cols],
                     s.run_dir.relative_to(self.out).as_posix()] for s in self.specs])
         write_csv(self.out / "comparison.csv",
-                  ["method", *keys, "n_seeds", *[f"{m}_{x}" for m in self.metrics for x in ("mean", "std")]],
+                  ["method", *keys, "n_seeds", *[f"{m}_{x}" for m in cols for x in ("mean", "std")]],
                   [[runs[0].method, *self.keys_of(runs[0]), len(runs),
-                    *[v for m in self.metrics for v in self._ms(runs, m)]] for runs in variants.values()])
+                    *[v for m in cols for v in self._ms(runs, m)]] for runs in variants.values()])
         write_csv(self.out / "paired_tests.csv",
                   [*self.level_keys, "a", "b", "metric", "test", "n", "mean_diff", "median_diff", "ci95_low",
                    "ci95_high", "statistic", "p"],
@@ -120,6 +122,10 @@ class Writer:
         doc.table(["method", "n", *[nice_metric(m) for m in self.metrics]],
                   [[runs[0].title, len(runs),
                     *[fmt_mean_std(*self._ms(runs, m)) for m in self.metrics]] for runs in variants])
+        doc.heading("Validation metrics of the selected checkpoints (choose settings on these, not on test)", lvl)
+        doc.table(["method", "n", "worst group (val)", "average (val)"],
+                  [[runs[0].title, len(runs), *[fmt_mean_std(*self._ms(runs, m)) for m in (VAL_WORST, VAL_AVERAGE)]]
+                   for runs in variants])
         if pairs:
             doc.heading("Paired comparisons", lvl)
             doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p"],
@@ -144,7 +150,7 @@ class Writer:
                 plot_group_weights(png, weighted, f"Group weights over training {lv}".strip())
                 made.append((png, "group weights"))
             specs = [r for r in self.specs if label(r.level) == lv]
-            for key, short in short_keys(self.sweep_keys).items():
+            for key, short in short_keys(list(self.exp.sweep)).items():
                 png = self.out / "plots" / f"worst_vs_{short}{suffix}.png"
                 self._plot_vs(png, specs, key, [fmt_value(v) for v in self.exp.sweep[key]],
                               lambda s, k=key: fmt_value(s.params[k]) if k in s.params else None,

@@ -9,6 +9,8 @@ Experiment YAML (relative paths resolve against the current working directory)::
     teacher_seed: 0                                 # default 0
     set: {train.max_steps: 2000}                    # dotted overrides for every student run (like --set)
     teacher_set: {train.max_steps: 4000}            # dotted overrides for the teacher run
+    teacher_methods: [erm, groupdro]                # one teacher per method (default: the teacher config's);
+                                                    # students run once per teacher (key 'teacher' in the tables)
     sweep: {method_args.eta: [0.001, 0.01, 0.1]}    # grid: cartesian product over the keys
     sweep_methods: [groupdistil]                    # methods the sweep applies to (default: all); others once per seed
     pairs: [[groupdistil, kd]]                      # paired comparisons A - B (default [[groupdistil, kd]] if both run)
@@ -34,7 +36,7 @@ from ..config import deep_merge, load_yaml, validate
 from ..errors import UserError
 
 EXPERIMENT_SCHEMA: dict[str, Any] = {
-    "student_config": "", "teacher_config": "", "methods": [], "seeds": [0], "teacher_seed": 0,
+    "student_config": "", "teacher_config": "", "methods": [], "seeds": [0], "teacher_seed": 0, "teacher_methods": [],
     "set": {}, "teacher_set": {}, "sweep": {}, "sweep_methods": [], "pairs": [], "metric_note": "",
     "data": {"synthesize_if_missing": False, "seed": 0, "options": {}, "sweep": {}},
 }
@@ -54,6 +56,7 @@ class Experiment:
     teacher_seed: int
     set: dict[str, Any]
     teacher_set: dict[str, Any]
+    teacher_methods: list[str]  # [] = the teacher config's method; several = one teacher each (robust teachers)
     sweep: dict[str, list[Any]]
     sweep_methods: list[str]
     pairs: list[tuple[str, str]]
@@ -135,12 +138,20 @@ def load_experiment(path: str | Path) -> Experiment:
     if teacher is None and any(METHODS.get(m).needs_teacher for m in methods):
         needy = [m for m in methods if METHODS.get(m).needs_teacher]
         raise UserError(f"{src}: missing key 'teacher_config' (methods {', '.join(needy)} distil a teacher)")
+    teacher_methods = _names(src, "teacher_methods", e["teacher_methods"] or [], METHODS.names(), "method")
+    for m in teacher_methods:
+        if METHODS.get(m).needs_teacher:
+            raise UserError(f"{src}: key 'teacher_methods': '{m}' distils a teacher itself; a teacher is trained "
+                            f"from labels (e.g. erm, groupdro)")
+    if teacher_methods and teacher is None:
+        raise UserError(f"{src}: key 'teacher_methods' needs 'teacher_config'")
     d = e["data"]
     return Experiment(
         path=Path(path), student_config=Path(e["student_config"]), teacher_config=Path(teacher) if teacher else None,
         methods=methods, seeds=list(seeds), teacher_seed=e["teacher_seed"],
         set=_overrides(src, "set", e["set"] or {}, _RESERVED | {"method"}),
-        teacher_set=_overrides(src, "teacher_set", e["teacher_set"] or {}, _RESERVED),
+        teacher_set=_overrides(src, "teacher_set", e["teacher_set"] or {}, _RESERVED | {"method"}),
+        teacher_methods=teacher_methods,
         sweep=_grid(src, "sweep", _overrides(src, "sweep", e["sweep"] or {}, _RESERVED | {"method"})),
         sweep_methods=sweep_methods, pairs=pairs, synthesize_if_missing=d["synthesize_if_missing"],
         data_seed=d["seed"], data_options=dict(d["options"] or {}),

@@ -17,16 +17,20 @@ from .plan import RunSpec
 from .schema import Experiment
 
 WORST, AVERAGE = "worst_group_metric", "average_metric"
+#: validation metrics of the selected checkpoint: what defaults are chosen on (never the test split)
+VAL_WORST, VAL_AVERAGE = "val.worst_group_metric", "val.average_metric"
 
 
 def read_results(specs: list[RunSpec]) -> list[str]:
-    """Fill each spec's ``result`` with its test metrics (flat: worst, average, ``group.<name>``); the group names."""
+    """Fill each spec's ``result`` with its test metrics (flat: worst, average, ``group.<name>``) and its validation
+    worst and average (``val.*``); return the group names."""
     groups: list[str] = []
     for spec in specs:
         m = json.loads((spec.run_dir / "metrics.json").read_text())
-        test = m["test"]
+        test, val = m["test"], m["val"]
         spec.result = {WORST: float(test[WORST]), AVERAGE: float(test[AVERAGE]),
-                       **{f"group.{g}": float(v) for g, v in test["group_metric"].items()}}
+                       **{f"group.{g}": float(v) for g, v in test["group_metric"].items()},
+                       VAL_WORST: float(val[WORST]), VAL_AVERAGE: float(val[AVERAGE])}
         spec.groups = list(m.get("groups") or test["group_metric"])
         groups += [g for g in spec.groups if g not in groups]
     return groups

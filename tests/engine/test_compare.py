@@ -116,7 +116,8 @@ def test_runs_csv_columns_and_sweeps(tmp_path):
     out = tmp_path / "out"
     rows = read_csv(out / "runs.csv")
     assert list(rows[0]) == ["method", "seed", "minority_scale", "method_args.eta", "worst_group_metric",
-                             "average_metric", "group.g0", "group.g1", "group.g2", "run_dir"]
+                             "average_metric", "group.g0", "group.g1", "group.g2", "val.worst_group_metric",
+                             "val.average_metric", "run_dir"]
     assert [r["run_dir"] for r in rows[:4]] == ["minority_scale=1.0/teacher", "minority_scale=1.0/runs/kd__seed=0",
                                                 "minority_scale=1.0/runs/groupdistil__eta=0.01__seed=0",
                                                 "minority_scale=1.0/runs/groupdistil__eta=0.5__seed=0"]
@@ -261,3 +262,35 @@ def test_group_weight_plot_leaves_out_groups_never_trained_on(tmp_path, monkeypa
     (ax,) = [a for a in figs[0].axes if a.get_visible()]
     assert [ln.get_label() for ln in ax.get_lines()] == ["A", "B"]
     assert "not shown: C, D (no training samples: weight 0)" in ax.get_title()
+
+
+def test_robust_teacher_table_plans_and_runs_at_tiny_size(tmp_path):
+    """teacher_methods: one teacher per method (erm, groupdro); every distilling student once per teacher."""
+    torch.set_num_threads(1)
+    exp = write_experiment(tmp_path, methods=["erm", "kd", "groupdistil"], seeds=[0], teacher_methods=["erm",
+                                                                                                     "groupdro"])
+    run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+    out = tmp_path / "out"
+    cfgs = {t: yaml.safe_load((out / f"teacher={t}" / "config.yaml").read_text()) for t in ("erm", "groupdro")}
+    assert cfgs["erm"]["method"] == "erm" and cfgs["groupdro"]["method"] == "groupdro"
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == ["erm__seed=0", "groupdistil__teacher=erm__seed=0", "groupdistil__teacher=groupdro__seed=0",
+                     "kd__teacher=erm__seed=0", "kd__teacher=groupdro__seed=0"]
+    rows = read_csv(out / "runs.csv")
+    assert sorted((r["method"], r["teacher"]) for r in rows) == sorted(
+        [("teacher", "erm"), ("teacher", "groupdro"), ("erm", ""), ("kd", "erm"), ("kd", "groupdro"),
+         ("groupdistil", "erm"), ("groupdistil", "groupdro")])
+    for t in ("erm", "groupdro"):  # each student names the checkpoint of its own teacher
+        ck = torch.load(out / f"teacher={t}" / "checkpoints" / "best.pt", weights_only=True)
+        run_cfg = yaml.safe_load((out / "runs" / f"kd__teacher={t}__seed=0" / "config.yaml").read_text())["run"]
+        assert run_cfg["teacher"] == f"{ck['run_hash']}@step{ck['step']}"
+    md = (out / "report.md").read_text()
+    assert "kd teacher=groupdro" in md and "groupdistil teacher=erm" in md
+    built = []
+    orig = Trainer.build
+    Trainer.build = lambda self: built.append(self.run_dir.name) or orig(self)
+    try:
+        run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)  # all finished
+    finally:
+        Trainer.build = orig
+    assert built == []
