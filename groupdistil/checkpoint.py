@@ -36,18 +36,24 @@ def resolve_checkpoint(path: str | Path, what: str = "teacher") -> Path:
     return p
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint of this project, safely (``weights_only=True``); anything else is a one-line error."""
+def safe_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain values only; any failure (a pickle
+    payload, a truncated file) is a one-line UserError and nothing from the file runs."""
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says what matters
             warnings.simplefilter("ignore")
-            ck = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read means the file cannot be trusted
         first = (str(e).strip().splitlines() or [""])[0][:160]
         if isinstance(e, pickle.UnpicklingError):
             raise UserError(f"{path}: refused: not a GroupDistil checkpoint (it holds Python objects other than "
                             f"tensors and plain values, which could run code; nothing from it was run)") from None
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {first})") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint of this project, safely (``weights_only=True``); anything else is a one-line error."""
+    ck = safe_load(path)
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT or "model" not in ck or "config" not in ck:
         raise UserError(f"{path}: not a GroupDistil checkpoint (missing format/model/config)")
     return ck
@@ -70,6 +76,83 @@ def load_model_from_checkpoint(path: str | Path, pipeline_cls: Any, what: str = 
         raise UserError(f"{ck_path}: the {what}'s weights do not fit the architecture of its config "
                         f"({cfg['model']}): {first} {detail}") from None
     return model, ck
+
+
+# --- model.init_from: start a model from the weights of a run, a checkpoint or a plain state dict -------------
+#: the first this many mismatching tensors are named in the error of :func:`init_from`
+_SHOWN = 5
+
+
+def _plain_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state-dict file: a dict of tensors, possibly under ``state_dict`` or ``model``, with
+    a DDP ``module.`` prefix dropped; non-tensor entries are ignored."""
+    while isinstance(obj, dict):
+        nested = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        obj = nested
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise UserError(f"{path}: model.init_from: no tensors in this file (expected a run folder, a checkpoint of "
+                        f"this project, or a state dict: a dict of tensors, possibly under 'state_dict' or 'model')")
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def init_state_dict(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The weights ``model.init_from`` names: a run folder (its ``checkpoints/best.pt``), a checkpoint of this
+    project (its ``model``), or a plain state-dict file (torchvision, timm, smp encoder weights). Read with
+    ``weights_only=True``: a file holding code is refused and nothing in it runs."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise UserError(f"model.init_from = {path!r}: expected the path of a run folder or a weights file")
+    file = resolve_checkpoint(path, "model.init_from")
+    obj = safe_load(file)
+    if isinstance(obj, dict) and obj.get("format") == CKPT_FORMAT and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    return file, _plain_state_dict(obj, file)
+
+
+def _matches(model_sd: dict[str, torch.Tensor], source: dict[str, torch.Tensor], prefix: str) -> int:
+    return sum(1 for k, v in source.items() if (m := model_sd.get(prefix + k)) is not None and m.shape == v.shape)
+
+
+def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | None = None,
+              optional: tuple[str, ...] | None = None, prefixes: tuple[str, ...] | None = None) -> str:
+    """Load into ``model`` every tensor of ``path`` (see :func:`init_state_dict`) that matches by name and shape;
+    return the one-line summary ``init_from PATH: loaded N tensors, M missing, K unexpected``.
+
+    ``prefixes``: where the file's names may sit in the model (``""`` for a file of the same model, e.g.
+    ``"backbone."`` for plain torchvision weights in a wrapper); the prefix that matches the most tensors is used.
+    Every model tensor whose name starts with one of ``required`` and with none of ``optional`` (the required part,
+    e.g. the encoder without its classification head) must be loaded, or nothing is loaded and a UserError lists the
+    first mismatching names and shapes. Other tensors (decoder, heads) keep their initialisation when absent.
+    Each of the three defaults to the model's attribute ``init_required`` / ``init_optional`` / ``init_prefixes``
+    (how a pipeline's model says which part is required), else ``()`` / ``()`` / ``("",)``.
+    """
+    required = tuple(getattr(model, "init_required", ())) if required is None else tuple(required)
+    optional = tuple(getattr(model, "init_optional", ())) if optional is None else tuple(optional)
+    prefixes = tuple(getattr(model, "init_prefixes", ("",))) if prefixes is None else tuple(prefixes)
+    file, source = init_state_dict(path)
+    own = model.state_dict()
+    prefix = max(prefixes, key=lambda p: _matches(own, source, p))  # the first of equals: the order is a preference
+    mapped = {prefix + k: v for k, v in source.items()}
+    loaded = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+    need = [k for k in own if k.startswith(required) and not k.startswith(optional)] if required else []
+    bad = [k for k in need if k not in loaded]
+    if bad:
+        def shapes(k: str) -> str:
+            got = tuple(mapped[k].shape) if k in mapped else "absent"
+            return f"{k} {tuple(own[k].shape)} vs {got}"
+        raise UserError(
+            f"{path}: model.init_from does not fit this model: {len(bad)} of the {len(need)} tensors of its required "
+            f"part ({', '.join(required)}) are absent or of another shape in {file} (names matched under prefix "
+            f"'{prefix}'): {'; '.join(shapes(k) for k in bad[:_SHOWN])}{' ...' if len(bad) > _SHOWN else ''}")
+    with torch.no_grad():
+        for k, v in loaded.items():
+            own[k].copy_(v)
+    return (f"init_from {path}: loaded {len(loaded)} tensors, {len(own) - len(loaded)} missing, "
+            f"{len(mapped) - len(loaded)} unexpected")
 
 
 # --- random number generator states as tensors and plain values (so that weights_only loading can read them) ---

@@ -45,7 +45,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "eval_every": 100,  # validate (and select the model) every N steps, and at the end
         "checkpoint_every": 100,  # write checkpoints/last.pt every N steps
         "log_every": 20,  # flush train_log.jsonl every N steps (one line per step)
-        "balanced_sampling": False,  # sample groups uniformly (weights 1 / n_g)
+        "balanced_sampling": False,  # every batch holds batch_size / G samples of each of the G training groups
         "num_workers": 0,
         "num_threads": 0,  # torch CPU threads; 0 = torch's default (one per core). Fewer when cores are shared
         "device": "auto",  # auto | cpu | cuda

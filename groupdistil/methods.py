@@ -128,6 +128,11 @@ class Method(nn.Module):
         """True when the method wants held-out batches (the trainer then keeps them out of the sampler)."""
         return False
 
+    def prepare(self, dataset: Any, groups: Tensor, batch_size: int) -> str:
+        """Called once by the trainer before the first step, with the training set (keys ``(index, 0)``) and its
+        groups: for methods with static per-sample weights. Returns a line to print ("" for none)."""
+        return ""
+
     def aggregate(self, terms: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """Plain mean over the batch. Logs the global-batch mean and per-group means (no host sync).
 
@@ -264,6 +269,48 @@ class _GroupWeighted(Method):
         return objective, logs
 
 
+class _SampleWeighted(Method):
+    """Static per-sample weights ``w_i`` (set in :meth:`prepare`): objective ``sum_i w_i l_i / sum_i w_i`` over the
+    global batch. Subclasses define :meth:`weights_for`."""
+
+    needs_teacher = True
+
+    def weights_for(self, dataset: Any, groups: Tensor, batch_size: int) -> tuple[Tensor, str]:
+        raise NotImplementedError
+
+    def prepare(self, dataset: Any, groups: Tensor, batch_size: int) -> str:
+        w, note = self.weights_for(dataset, groups, batch_size)
+        self.sample_w = w.float().to(self.runtime.device)
+        return note
+
+    def aggregate(self, terms: dict[str, Tensor], batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        losses = terms["total"]
+        _, logs = super().aggregate(terms, batch)  # per-group statistics
+        w = self.sample_w[batch["index"]]
+        tot = self.runtime.reduce(torch.stack([(w * losses.detach().float()).sum(), w.sum()]))
+        logs["loss"] = tot[0] / tot[1]
+        return self.runtime.grad_scale * (w * losses).sum() / tot[1], logs
+
+
+@torch.no_grad()
+def _teacher_pass(method: Method, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
+    """The teacher's per-sample label loss and error indicator over the training set (keys ``(index, 0)``): for
+    classification, wrong argmax; for segmentation, a soft Dice score (1 - Dice loss), returned as the loss."""
+    from torch.utils.data import DataLoader
+
+    n = len(dataset)
+    keys = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    loss, wrong = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    for b in DataLoader(dataset, batch_sampler=keys):
+        b = {k: v.to(method.runtime.device) for k, v in b.items()}
+        out = method.teacher(b)
+        idx = b["index"].cpu()
+        loss[idx] = method.criterion(out, b)["label"].float().cpu()
+        if "cls" in out and "seg" not in out:
+            wrong[idx] = (out["cls"].argmax(1) != b["cls"]).cpu()
+    return loss, wrong
+
+
 def _register(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         cls.registry_name = name  # type: ignore[attr-defined]
@@ -302,3 +349,38 @@ def method_arg_defaults() -> dict[str, Any]:
     for name in METHODS.names():
         out.update(METHODS.get(name).defaults())
     return out
+
+
+@_register("kd_reweighted")
+class KDReweighted(_SampleWeighted):
+    """KD with static inverse-frequency sample weights ``w_i = 1 / n_{g_i}``: every training group weighs the same
+    in the objective (importance weighting; no weights to learn)."""
+
+    def weights_for(self, dataset: Any, groups: Tensor, batch_size: int) -> tuple[Tensor, str]:
+        counts = torch.bincount(groups, minlength=self.n_groups).float()
+        return 1.0 / counts.clamp_min(1)[groups], ""
+
+
+@_register("jtt_kd")
+class JTTKD(_SampleWeighted):
+    """JTT-style KD (Liu et al. 2021, "Just Train Twice"), the teacher as the first pass: the training samples the
+    teacher gets wrong (classification) or segments worst (segmentation: the ``quantile`` of lowest teacher soft
+    Dice / highest label loss) are upweighted by ``lambda_up`` in the distillation objective."""
+
+    hparams_spec: ClassVar[dict[str, HParam]] = {
+        "lambda_up": HParam(6.0, low=1.0, doc="weight of the samples the teacher gets wrong"),
+        "quantile": HParam(0.2, low=0.0, high=1.0, doc="segmentation: share of worst-segmented samples upweighted"),
+    }
+
+    def weights_for(self, dataset: Any, groups: Tensor, batch_size: int) -> tuple[Tensor, str]:
+        loss, wrong = _teacher_pass(self, dataset, batch_size)
+        if not wrong.any():  # segmentation, or a teacher without errors: the worst-loss quantile
+            k = int(round(self.hparams["quantile"] * len(loss)))
+            wrong = torch.zeros_like(wrong)
+            if k:
+                wrong[torch.topk(loss, k).indices] = True
+        self.error_set = wrong
+        per_group = torch.bincount(groups[wrong], minlength=self.n_groups).tolist()
+        w = torch.where(wrong, torch.tensor(float(self.hparams["lambda_up"])), torch.tensor(1.0))
+        return w, (f"jtt_kd: {int(wrong.sum())} of {len(wrong)} training samples upweighted x"
+                   f"{self.hparams['lambda_up']:g} (per group {per_group})")

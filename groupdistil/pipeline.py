@@ -122,7 +122,10 @@ class Pipeline(abc.ABC):
 
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None."""
+        """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None.
+
+        Ids sharing the text before the first space (``"<code> ED"``, ``"<code> ES"``) are one unit for the
+        bootstrap (:func:`groupdistil.stats.case_unit`)."""
         return None
 
     # --- evaluation -------------------------------------------------------------------------------------------
@@ -140,6 +143,13 @@ class Pipeline(abc.ABC):
         written there
         (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it.
         """
+
+    def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
+        """Score predictions made elsewhere (``groupdistil evaluate``) on ``split`` as :meth:`evaluate` scores a
+        model's: the same per-case files in ``out_dir`` (atomically) and the same metrics, returned. Every missing,
+        extra or malformed prediction is a UserError naming the file. Optional: the default refuses."""
+        raise UserError(f"pipeline '{self.name}' cannot score predictions made elsewhere (groupdistil evaluate is "
+                        f"not supported for it)")
 
     @abc.abstractmethod
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:

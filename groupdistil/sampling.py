@@ -2,7 +2,7 @@
 
 Global step ``s`` lies in epoch ``e = s // B`` with ``B = N // global_batch`` batches an epoch (last partial batch
 dropped). Epoch ``e`` orders the samples by a permutation drawn from a generator seeded with ``(seed, e)`` (or, with
-group-balanced sampling, draws ``N`` indices with replacement with probability proportional to ``1 / n_g``). Rank
+group-balanced sampling, builds every batch from ``B // G`` samples of each group: see ``balanced_order``). Rank
 ``r`` of ``W`` takes the ``r``-th contiguous slice of the global batch, so the union over ranks is exactly the batch
 a single process would train on. Each sample gets an augmentation seed derived from ``(seed, e, position)``; the
 dataset is indexed by the key ``(index, aug_seed)``.
@@ -38,18 +38,38 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.n, self.global_batch, self.seed = n_samples, global_batch, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
         self.batches_per_epoch = n_samples // global_batch
-        self.probs: torch.Tensor | None = None
+        self.members: list[torch.Tensor] | None = None  # positions (into the drawable samples) of each group
         if groups is not None:
-            counts = torch.bincount(groups, minlength=int(groups.max()) + 1).double()
-            self.probs = (1.0 / counts.clamp_min(1))[groups]
+            self.members = [(groups == g).nonzero().flatten() for g in sorted(set(groups.tolist()))]
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed((self.seed * _MIX + epoch) % (2**63))
-        if self.probs is not None:
-            order = torch.multinomial(self.probs, self.n, replacement=True, generator=g)
-        else:
-            order = torch.randperm(self.n, generator=g)
+        order = self.balanced_order(g) if self.members is not None else torch.randperm(self.n, generator=g)
         return order if self.indices is None else self.indices[order]
+
+    def balanced_order(self, g: torch.Generator) -> torch.Tensor:
+        """An epoch of batches each holding ``B // G`` samples of every one of the ``G`` groups (the remainder to
+        groups in turn), in random order within the batch; each group's samples are drawn by cycling through its
+        own permutations, so a small group repeats and a large one is subsampled."""
+        assert self.members is not None
+        n_groups, nb = len(self.members), self.batches_per_epoch
+        take = [self.global_batch // n_groups + (1 if j < self.global_batch % n_groups else 0)
+                for j in range(n_groups)]
+        streams = []
+        for j, m in enumerate(self.members):
+            need = sum(take[(j - b) % n_groups] for b in range(nb))  # group j's share rotates over batches
+            reps = -(-need // len(m))
+            streams.append(torch.cat([m[torch.randperm(len(m), generator=g)] for _ in range(reps)])[:need].tolist())
+        pos = [0] * n_groups
+        order: list[int] = []
+        for b in range(nb):
+            batch: list[int] = []
+            for j in range(n_groups):
+                k = take[(j - b) % n_groups]
+                batch += streams[j][pos[j]:pos[j] + k]
+                pos[j] += k
+            order += [batch[i] for i in torch.randperm(len(batch), generator=g).tolist()]
+        return torch.tensor(order, dtype=torch.long)
 
     def batch_keys(self, step: int, order: torch.Tensor | None = None) -> list[tuple[int, int]]:
         epoch, b = divmod(step, self.batches_per_epoch)

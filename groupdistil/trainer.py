@@ -177,7 +177,12 @@ class Trainer:
         if unknown:
             raise UserError(f"loss.heads names {unknown}, which the {self.pipeline.name} model does not have; "
                             f"valid: {sorted(self.pipeline.heads)}")
-        self.student = self.pipeline.model_for(self.cfg).to(self.device)
+        self.student = self.pipeline.model_for(self.cfg)
+        init = self.cfg.get("model", {}).get("init_from")
+        if init and not (self.run_dir / "checkpoints" / "last.pt").is_file():  # a resumed run has its own weights
+            from .checkpoint import init_from
+            log(init_from(self.student, init))
+        self.student = self.student.to(self.device)
         if self.device.type == "cuda" and self.t["channels_last"]:
             self.student = self.student.to(memory_format=torch.channels_last)
         teacher = None
@@ -199,6 +204,9 @@ class Trainer:
             dtype = torch.float32 if self.device.type == "cpu" else torch.float16
             teacher.build_cache(self.dataset, self.device, self.t["batch_size"], self.t["num_workers"], dtype)
             log(f"teacher outputs cached for {len(self.dataset)} training samples in {time.time() - t0:.1f}s")
+        note = self.method.prepare(self.dataset, self.pipeline.train_groups(), self.t["batch_size"])
+        if note:
+            log(note)
 
     def heldout_batches(self) -> tuple[list[dict[str, torch.Tensor]] | None, list[int]]:
         """For the ``heldout`` signal: whole training cases kept out of the sampler (``self.heldout_idx``), as

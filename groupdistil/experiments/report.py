@@ -4,8 +4,9 @@
 - ``runs.csv``: one row per run (the teacher included): method, seed, data-sweep and sweep values, the test metrics
   (worst group, average, each group), the run folder relative to OUT;
 - ``comparison.csv``: one row per variant: the number of seeds and each metric's mean and sample std over them;
-- ``paired_tests.csv``: one row per paired test (:mod:`groupdistil.experiments.summary`); empty cells for values a
-  test does not give, ``n/a`` as the test when there are fewer than 2 seed pairs.
+- ``paired_tests.csv``: one row per paired test or bootstrap interval (:mod:`groupdistil.experiments.summary`); empty
+  cells for values a test does not give, ``n/a`` as the test when there are fewer than 2 seed pairs; ``p_holm``: the
+  p-value Holm-adjusted over every test of the experiment file.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Sequence
 from ..io import atomic_write_text
 from ..pipeline import Pipeline
 from ..report import Doc, fmt, fmt_mean_std, save_figure
-from ..stats import PairedTest, mean_std
+from ..stats import BOOT_SEED, N_BOOT, PairedTest, mean_std
 from .plan import RunSpec, expand_grid, fmt_value, label, short_keys
 from .schema import Experiment
 from .summary import AVERAGE, VAL_AVERAGE, VAL_WORST, WORST, PairRow, by_variant, paired_comparisons
@@ -70,9 +71,9 @@ class Writer:
                     *[v for m in cols for v in self._ms(runs, m)]] for runs in variants.values()])
         write_csv(self.out / "paired_tests.csv",
                   [*self.level_keys, "a", "b", "metric", "test", "n", "mean_diff", "median_diff", "ci95_low",
-                   "ci95_high", "statistic", "p"],
+                   "ci95_high", "statistic", "p", "p_holm"],
                   [[*[r.level.get(k) for k in self.level_keys], r.a.title, r.b.title, r.metric,
-                    *self._test_cells(r.test)] for r in pairs])
+                    *self._test_cells(r.test), r.p_holm] for r in pairs])
         self.report(variants, pairs)
         return self.out / "report.html"
 
@@ -105,6 +106,7 @@ class Writer:
                  "and 95% CI; 'n/a' with fewer than 2 pairs); Wilcoxon signed-rank over the test cases of B's worst "
                  "group, each case's score averaged over the common seeds (when the pipeline has per-case scores).",
                  note=True)
+        doc.para(CI_NOTE, note=True)
         levels = list(dict.fromkeys(k[0] for k in variants))
         for lv in levels:
             if lv:
@@ -128,8 +130,9 @@ class Writer:
                    for runs in variants])
         if pairs:
             doc.heading("Paired comparisons", lvl)
-            doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p"],
-                      [[p.title, nice_metric(p.metric, p.b.method), *self._test_text(p.test)] for p in pairs])
+            doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p", "p (Holm)"],
+                      [[p.title, nice_metric(p.metric, p.b.method), *self._test_text(p.test),
+                        "n/a" if math.isnan(p.p_holm) else f"{p.p_holm:.3g}"] for p in pairs])
 
     @staticmethod
     def _test_text(t: PairedTest | None) -> list[str]:
@@ -185,6 +188,16 @@ class Writer:
             else:
                 line[xs.index(x)] = (ms.mean, ms.std)
         plot_lines(png, title, xlabel, xs, series, constant)
+
+
+CI_NOTE = (
+    "Paired bootstrap (cases): A − B on the same test cases, each case's score averaged over the common seeds; "
+    f"{N_BOOT} resamples (seed {BOOT_SEED}) of the cases within each group (a subject's ED and ES together), 95% "
+    "percentile interval. For 'worst group' the statistic is the lowest group mean of A minus that of B (the worst "
+    "group may change between resamples); for the cases of B's worst group, the mean difference on them. It says how "
+    "much the result could move with other test cases of the same kind, not with other seeds (the t-test does). "
+    "An interval that excludes 0 is evidence of a difference on these cases. p (Holm): each p-value adjusted for "
+    "all the tests of this experiment file (Holm's step-down method); judge significance on it, not on the raw p.")
 
 
 def read_group_weights(run_dir: Path) -> tuple[dict[int, list[float]], set[int]]:

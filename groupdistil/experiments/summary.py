@@ -3,16 +3,21 @@
 Statistics: :mod:`groupdistil.stats`. A pair ``[A, B]`` of the experiment compares, within each data level, every
 variant of A with every variant of B whose swept values agree on their common keys: a paired t-test across seeds on
 the worst-group and the average metric and, when the pipeline's ``case_scores`` gives per-case scores, a Wilcoxon
-test across the cases of B's worst group (the group with the lowest mean over B's seeds).
+test across the cases of B's worst group (the group with the lowest mean over B's seeds). With per-case scores each
+pair also gets paired bootstrap CIs over cases (:func:`groupdistil.stats.paired_bootstrap`, each case's score averaged
+over the common seeds, the cases of one unit resampled together): of the worst-group difference
+``min_g mean_g(A) - min_g mean_g(B)`` and of the mean difference on the cases of B's worst group. The p-values of all
+the tests of one experiment file are Holm-adjusted together (:func:`groupdistil.stats.holm`, ``PairRow.p_holm``).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..pipeline import Pipeline
-from ..stats import PairedTest, mean_std, pair_cases, paired_t, wilcoxon_paired
+from ..stats import PairedTest, case_unit, holm, mean_std, pair_cases, paired_bootstrap, paired_t, wilcoxon_paired
 from .plan import RunSpec
 from .schema import Experiment
 
@@ -51,6 +56,7 @@ class PairRow:
     b: RunSpec
     metric: str
     test: PairedTest | None
+    p_holm: float = math.nan  # the test's p, Holm-adjusted over every test of the experiment file
 
     @property
     def title(self) -> str:
@@ -74,6 +80,9 @@ def paired_comparisons(exp: Experiment, specs: list[RunSpec], pipeline_cls: type
                 if lv_b != lv or m_b != b_name or not _compatible(runs_a[0].params, runs_b[0].params):
                     continue
                 rows += _pair_tests(runs_a, runs_b, pipeline_cls)
+    adjusted = holm([r.test.p if r.test is not None else math.nan for r in rows])
+    for r, p in zip(rows, adjusted):
+        r.p_holm = float(p)
     return rows
 
 
@@ -92,4 +101,32 @@ def _pair_tests(runs_a: list[RunSpec], runs_b: list[RunSpec], pipeline_cls: type
     if all(sa is not None and sb is not None for sa, sb in scores):
         _, xa, xb = pair_cases([sa for sa, _ in scores], [sb for _, sb in scores], worst)
         rows.append(PairRow(lv, a0, b0, f"group.{worst}", wilcoxon_paired(xa, xb)))
+        rows += _bootstrap_rows(lv, a0, b0, scores, list(group_means), worst)
+    return rows
+
+
+BOOTSTRAP_TEST = "paired bootstrap (cases)"
+
+
+def _bootstrap_rows(lv: dict[str, Any], a0: RunSpec, b0: RunSpec, scores: list[tuple[Any, Any]], groups: list[str],
+                    worst: str) -> list[PairRow]:
+    """Paired bootstrap CIs over the seed-averaged per-case scores: the worst-group difference (groups resampled
+    independently, the cases of one unit together) and the mean difference on the cases of B's worst group."""
+    ids, xa, xb, gs = [], [], [], []
+    for g in groups:
+        g_ids, g_a, g_b = pair_cases([sa for sa, _ in scores], [sb for _, sb in scores], g)
+        ids += g_ids
+        xa += g_a
+        xb += g_b
+        gs += [g] * len(g_ids)
+    if not ids:
+        return []
+    _, cis = paired_bootstrap(xa, xb, gs, [case_unit(i) for i in ids])
+    rows = []
+    for metric, key in ((WORST, "worst"), (f"group.{worst}", worst)):
+        if key not in cis:
+            continue
+        ci = cis[key]
+        rows.append(PairRow(lv, a0, b0, metric, PairedTest(BOOTSTRAP_TEST, ci.n, ci.estimate, ci.low, ci.high,
+                                                           math.nan, math.nan)))
     return rows
