@@ -32,6 +32,11 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "lambda_kd": 1.0,
         "heads": None,  # {head: weight}; None = every head of the pipeline with weight 1
     },
+    "grouping": {  # where the training groups come from (groupdistil/grouping.py); evaluation uses the true ones
+        "mode": "labels",  # labels (the metadata) | error (label x teacher right/wrong) | kmeans (teacher features)
+        "k": 2,  # kmeans: clusters (within each class for a classification task)
+        "seed": 0,  # kmeans initialisation
+    },
     "train": {
         "max_steps": 500,
         "batch_size": 32,
@@ -51,6 +56,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda
         "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
         "channels_last": True,  # on CUDA
+        "selection": "worst_group",  # model selection on validation: worst_group | average (needs no group labels)
         "teacher_cache": "auto",  # auto: cache teacher outputs when training inputs are deterministic | off
     },
 }
@@ -313,6 +319,10 @@ RANGES: list[tuple[str, Any, str]] = [
     ("train.num_threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("train.teacher_cache", lambda v: v in ("auto", "off"), "auto or off"),
+    ("train.selection", lambda v: v in ("worst_group", "average"), "worst_group or average"),
+    ("grouping.mode", lambda v: v in ("labels", "error", "kmeans"), "labels, error or kmeans"),
+    ("grouping.k", lambda v: v >= 2, ">= 2"),
+    ("grouping.seed", lambda v: v >= 0, ">= 0"),
 ]
 
 

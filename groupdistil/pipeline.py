@@ -78,6 +78,10 @@ class Pipeline(abc.ABC):
     def train_groups(self) -> torch.Tensor:
         """Group index of every training sample, long ``(N,)`` (for group-balanced sampling)."""
 
+    def class_names(self) -> list[str] | None:
+        """Names of the classes of the ``cls`` head, for inferred groups within each class (None: not known)."""
+        return None
+
     def train_cases(self) -> list[str]:
         """The case (subject, image) of every training sample, in dataset order: samples of one case are held out
         together (the ``heldout`` signal). Default: every sample its own case."""

@@ -26,6 +26,7 @@ from . import distributed as dist_utils
 from .checkpoint import CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, rng_state, set_rng_state
 from .config import config_diff, config_hash, dump_yaml, select_method_args
 from .errors import UserError
+from .grouping import adjusted_rand_index, confusion, infer_groups, teacher_pass
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
@@ -38,7 +39,7 @@ from .teacher import Teacher
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
-                  "report.md", "report.html", "export")
+                  "report.md", "report.html", "export", "groups_inferred.csv")
 
 
 def seed_everything(seed: int) -> None:
@@ -65,14 +66,17 @@ class Trainer:
         seed_everything(cfg["seed"])
         self.method_cls = _method_class(cfg["method"])
         select_method_args(cfg, cfg["method_args"], "method_args")  # defaults filled, ranges checked
-        if self.method_cls.needs_teacher:
+        self.inferring = cfg["grouping"]["mode"] != "labels"
+        self.uses_teacher = self.method_cls.needs_teacher or self.inferring
+        if self.uses_teacher:
             if not teacher_path:
-                raise UserError(f"method '{cfg['method']}' distils a teacher: give --teacher RUN_DIR (a run of "
-                                f"configs/{pipeline_cls.name}_teacher.yaml)")
+                why = (f"method '{cfg['method']}' distils a teacher" if self.method_cls.needs_teacher else
+                       f"grouping.mode '{cfg['grouping']['mode']}' infers the groups from a teacher")
+                raise UserError(f"{why}: give --teacher RUN_DIR (a run of configs/{pipeline_cls.name}_teacher.yaml)")
             # load (and so check) the teacher before anything is written
             self.teacher_cpu, teacher_ck = load_model_from_checkpoint(teacher_path, pipeline_cls)
         self.pipeline = pipeline_cls(cfg, data_root)
-        if self.method_cls.needs_teacher:
+        if self.uses_teacher:
             self.check_teacher_heads(teacher_path)
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
@@ -83,8 +87,10 @@ class Trainer:
                             f"{data_root})")
         if bs % world:
             raise UserError(f"train.batch_size = {bs} must be divisible by the number of processes ({world})")
+        self.train_group_names = list(self.cfg["groups"])  # the groups training weighs (inferred ones replace them)
+        self.inferred: torch.Tensor | None = None
         unseen = [name for name, n in zip(self.cfg["groups"], self.train_counts) if n == 0]
-        if unseen and self.method_cls.weights_groups:
+        if unseen and self.method_cls.weights_groups and not self.inferring:
             log(f"note: group(s) {', '.join(unseen)} have no training samples: their weight is 0 throughout (out of "
                 f"the simplex; the trained groups' weights sum to 1); they are evaluated and reported as unseen")
         self.runtime = Runtime.for_run(self.t, self.device)
@@ -92,7 +98,7 @@ class Trainer:
         # so a comparison folder can be moved or copied and its finished runs are still recognised
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
                            "teacher": (f"{teacher_ck.get('run_hash')}@step{teacher_ck.get('step')}"
-                                       if self.method_cls.needs_teacher else None)}
+                                       if self.uses_teacher else None)}
 
     def check_teacher_heads(self, teacher_path: str) -> None:
         """The teacher must give logits of the same number of classes for every head the student is trained on."""
@@ -187,14 +193,16 @@ class Trainer:
             self.student = self.student.to(memory_format=torch.channels_last)
         teacher = None
         self.teacher_model = None
-        if self.method_cls.needs_teacher:
+        if self.uses_teacher:
             tm = self.teacher_cpu.to(self.device)
             if self.device.type == "cuda" and self.t["channels_last"]:
                 tm = tm.to(memory_format=torch.channels_last)
-            teacher = Teacher(tm, self.runtime.autocast)
+            teacher = Teacher(tm, self.runtime.autocast) if self.method_cls.needs_teacher else None
             self.teacher_model = tm
         criterion = TaskLoss(heads, self.cfg["loss"])
         self.dataset = self.pipeline.train_dataset()
+        if self.inferring:
+            self.infer_groups()
         heldout, counts = self.heldout_batches()
         self.method: Method = self.method_cls(self.student, criterion, self.n_groups, counts,
                                               self.cfg["method_args"], teacher=teacher, runtime=self.runtime,
@@ -204,9 +212,42 @@ class Trainer:
             dtype = torch.float32 if self.device.type == "cpu" else torch.float16
             teacher.build_cache(self.dataset, self.device, self.t["batch_size"], self.t["num_workers"], dtype)
             log(f"teacher outputs cached for {len(self.dataset)} training samples in {time.time() - t0:.1f}s")
-        note = self.method.prepare(self.dataset, self.pipeline.train_groups(), self.t["batch_size"])
+        note = self.method.prepare(self.dataset, self.train_groups(), self.t["batch_size"])
         if note:
             log(note)
+
+    def train_groups(self) -> torch.Tensor:
+        """The group of every training sample as training sees it: the inferred one, or the pipeline's."""
+        return self.inferred.cpu() if self.inferred is not None else self.pipeline.train_groups()
+
+    def infer_groups(self) -> None:
+        """``grouping.mode`` error / kmeans: groups from the teacher; written to ``groups_inferred.csv`` with their
+        agreement with the true groups (which training never uses)."""
+        g = self.cfg["grouping"]
+        t0 = time.time()
+        passed = teacher_pass(self.teacher_model, self.dataset, self.device, self.t["batch_size"],
+                              self.runtime.autocast)
+        if g["mode"] == "error" and "pred" not in passed:
+            raise UserError("grouping.mode 'error' needs a classification head (cls) on the teacher")
+        classes = self.pipeline.class_names() if "cls" in passed and "seg" not in self.pipeline.heads else None
+        inferred, names = infer_groups(g["mode"], g["k"], g["seed"], passed, self.pipeline.train_cases(), classes)
+        true = self.pipeline.train_groups()
+        self.inferred = inferred.to(self.device)
+        self.n_groups, self.train_group_names = len(names), names
+        self.train_counts = torch.bincount(inferred, minlength=len(names)).tolist()
+        ari = adjusted_rand_index(true.numpy(), inferred.numpy())
+        table = confusion(true, inferred, len(self.cfg["groups"]), len(names))
+        self.grouping_info = {"mode": g["mode"], "k": g["k"], "groups": names, "adjusted_rand_index": ari,
+                              "confusion": {"rows (true)": self.cfg["groups"], "columns (inferred)": names,
+                                            "counts": table}}
+        if self.main:
+            cases = self.pipeline.train_cases()
+            rows = ["index,case,true_group,inferred_group"] + [
+                f"{i},{cases[i]},{self.cfg['groups'][int(t)]},{names[int(q)]}"
+                for i, (t, q) in enumerate(zip(true.tolist(), inferred.tolist()))]
+            atomic_write_text(self.run_dir / "groups_inferred.csv", "\n".join(rows) + "\n")
+        log(f"grouping.mode {g['mode']}: {len(names)} inferred groups {dict(zip(names, self.train_counts))}; "
+            f"adjusted Rand index with the true groups {ari:.3f} ({time.time() - t0:.1f}s)")
 
     def heldout_batches(self) -> tuple[list[dict[str, torch.Tensor]] | None, list[int]]:
         """For the ``heldout`` signal: whole training cases kept out of the sampler (``self.heldout_idx``), as
@@ -214,7 +255,7 @@ class Trainer:
         self.heldout_idx = torch.zeros(0, dtype=torch.long)
         if not self.method_cls.needs_heldout(self.cfg["method_args"]):
             return None, self.train_counts
-        cases, groups = self.pipeline.train_cases(), self.pipeline.train_groups()
+        cases, groups = self.pipeline.train_cases(), self.train_groups()
         self.heldout_idx = heldout_split(cases, groups, self.cfg["method_args"]["heldout_fraction"], self.cfg["seed"])
         if not len(self.heldout_idx):
             raise UserError("method_args.signal 'heldout': no group has two or more training cases to hold one out")
@@ -224,12 +265,15 @@ class Trainer:
         bs = self.t["batch_size"]
         loader = DataLoader(self.dataset, batch_sampler=[keys[k:k + bs] for k in range(0, len(keys), bs)])
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in loader]
+        if self.inferred is not None:
+            for b in batches:
+                b["group"] = self.inferred[b["index"]]
         counts = torch.bincount(groups, minlength=self.n_groups) - torch.bincount(
             groups[self.heldout_idx], minlength=self.n_groups)
         return batches, counts.tolist()
 
     def loader(self, start_step: int) -> DataLoader:
-        groups = self.pipeline.train_groups() if self.t["balanced_sampling"] else None
+        groups = self.train_groups() if self.t["balanced_sampling"] else None
         keep = None
         if len(self.heldout_idx):
             mask = torch.ones(len(self.dataset), dtype=torch.bool)
@@ -274,7 +318,7 @@ class Trainer:
     def validate(self, step: int) -> None:
         m = self.pipeline.evaluate(self.runtime.predictor(self.student), "val")  # every rank: evaluation is sharded
         if self.main:
-            score = float(m["worst_group_metric"])
+            score = float(m["worst_group_metric" if self.t["selection"] == "worst_group" else "average_metric"])
             rec = {"step": step, "worst_group_metric": score, "average_metric": float(m["average_metric"])}
             with open(self.run_dir / "eval_log.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -326,6 +370,8 @@ class Trainer:
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
                 if self.device.type == "cuda" and self.t["channels_last"]:
                     batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
+                if self.inferred is not None:  # the inferred group of every sample (the true one is never used)
+                    batch["group"] = self.inferred[batch["index"]]
                 values = self.method.update(batch)
                 step += 1
                 logger.add(step, values)
@@ -353,8 +399,11 @@ class Trainer:
         selected = copy.deepcopy(self.student)
         selected.load_state_dict(best_state["model"])
         metrics: dict[str, Any] = {"selected_step": int(best_state["step"]), "groups": self.cfg["groups"],
-                                   "train_group_counts": self.train_counts,
-                                   "unseen_groups": [g for g, n in zip(self.cfg["groups"], self.train_counts) if not n]}
+                                   "train_groups": self.train_group_names, "train_group_counts": self.train_counts,
+                                   "unseen_groups": [g for g, n in zip(self.train_group_names, self.train_counts)
+                                                     if not n]}
+        if self.inferring:
+            metrics["grouping"] = self.grouping_info
         timing: dict[str, Any] = {"train_seconds": train_seconds}
         last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):

@@ -62,7 +62,7 @@ class ToyNet(nn.Module):
 class ToyPipeline(Pipeline):
     name = "toy"
     defaults: dict[str, dict[str, Any]] = {"data": {"n_train": 192, "augment": False,
-                                                    "group_props": [0.7, 0.2, 0.1]},
+                                                    "group_props": [0.7, 0.2, 0.1], "shuffle_groups": False},
                                            "model": {"width": 8, "n_cls": 2}, "eval": {}}
     run_outputs = ("toy_*.json",)
 
@@ -70,6 +70,9 @@ class ToyPipeline(Pipeline):
         super().__init__(cfg, data_root)
         d = cfg["data"]
         self.train = make_data(d["n_train"], 0, tuple(d["group_props"]))
+        if d["shuffle_groups"]:  # the same images with a permuted group column (inferred groups must not care)
+            perm = torch.randperm(len(self.train["group"]), generator=torch.Generator().manual_seed(7))
+            self.train["group"] = self.train["group"][perm]
         self.splits = {"val": make_data(96, 1, (1 / 3, 1 / 3, 1 / 3)), "test": make_data(96, 2, (1 / 3, 1 / 3, 1 / 3))}
 
     @property
