@@ -234,12 +234,12 @@ def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None, pi
     false: an experiment's ``set`` applies to every method); keys the selected method does not use are otherwise
     left out of the run's config and named in ``notes`` (when a list is given).
     """
-    from .pipeline import get_pipeline, pipeline_classes
+    from .pipeline import get_pipeline, pipeline_names
 
     user = load_yaml(path)
     name = user.get("pipeline")
     if not name:
-        raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(sorted(pipeline_classes()))})")
+        raise UserError(f"{path}: missing key 'pipeline' (valid: {', '.join(pipeline_names())})")
     if pipeline_cls is None:
         pipeline_cls = get_pipeline(name)
     elif name != pipeline_cls.name:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import os
+from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -166,20 +167,25 @@ class Pipeline(abc.ABC):
         """Write a synthetic dataset in the real release's layout under ``out``."""
 
 
+def pipeline_names() -> list[str]:
+    """The names of the installed pipelines (entry points of group ``groupdistil.pipelines``), without importing
+    any of them."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
 def pipeline_classes() -> dict[str, type[Pipeline]]:
-    """All installed pipelines by name (entry points of group ``groupdistil.pipelines``)."""
-    found: dict[str, type[Pipeline]] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.load()
-    return found
+    """All installed pipelines by name (imports every pipeline package: prefer :func:`get_pipeline`)."""
+    return {name: get_pipeline(name) for name in pipeline_names()}
 
 
+@lru_cache(maxsize=None)
 def get_pipeline(name: str) -> type[Pipeline]:
-    classes = pipeline_classes()
-    if name not in classes:
-        valid = ", ".join(sorted(classes)) or "none installed (pip install -e .)"
-        raise UserError(f"unknown pipeline '{name}'; valid: {valid}")
-    return classes[name]
+    """The pipeline class registered as ``name``; only that pipeline's package is imported."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    valid = ", ".join(pipeline_names()) or "none installed (pip install -e .)"
+    raise UserError(f"unknown pipeline '{name}'; valid: {valid}")
 
 
 SYNTH_MARKER = "SYNTHETIC_DATA.json"

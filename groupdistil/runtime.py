@@ -8,6 +8,8 @@ scheduler factories, the DDP wrapper): the trainer builds one per run, and a met
 from __future__ import annotations
 
 import math
+import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,9 +33,26 @@ def setup_process(train_cfg: dict[str, Any]) -> torch.device:
     device = dist_utils.init_from_env() or pick_device(train_cfg["device"])
     if train_cfg["num_threads"] > 0:
         torch.set_num_threads(train_cfg["num_threads"])
+    elif device.type == "cpu":
+        cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+        free = max(1, int(cores - load + 0.5))
+        if free < torch.get_num_threads():  # torch's default (one thread per core) would oversubscribe a busy machine
+            print(f"note: the machine is busy (load {load:.1f} on {cores} cores): using {free} torch thread(s) "
+                  f"instead of {torch.get_num_threads()}; set train.num_threads to choose", file=sys.stderr)
+            torch.set_num_threads(free)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
+
+
+def machine_state(load_at_start: float | None = None) -> dict[str, Any]:
+    """What the timings of a run depend on besides the code: torch's CPU threads, the cores, the load averages
+    (at the start of training and now). Timings are indicative: on a shared machine they move with the load."""
+    cores = os.cpu_count() or 1
+    return {"torch_threads": torch.get_num_threads(), "cpu_cores": cores,
+            "load_average_at_start": None if load_at_start is None else round(load_at_start, 2),
+            "load_average_at_end": round(os.getloadavg()[0], 2),
+            "note": "indicative: timings depend on threads and on other work on the machine (load average)"}
 
 
 def pick_device(name: str) -> torch.device:

@@ -33,7 +33,7 @@ from .methods import METHODS, Method
 from .pipeline import Pipeline
 from .progress import Progress, StepLogger, log
 from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
-from .runtime import Runtime, count_params, pick_device
+from .runtime import Runtime, count_params, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
 from .teacher import Teacher
 
@@ -362,6 +362,7 @@ class Trainer:
                     truncate_jsonl(self.run_dir / name, start)
             log(f"resuming {self.run_dir} from step {start}")
         total = self.t["max_steps"]
+        self.t_load = os.getloadavg()[0]  # the load when training started, for timing.json
         progress = Progress(total, start, self.main)
         step = start
         batches = iter(self.loader(start))
@@ -417,12 +418,14 @@ class Trainer:
                 last[split].pop("timing", None)
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0
+        timing["machine"] = machine_state(self.t_load)
         if self.main:
             info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
                     "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
                     "train_seconds": train_seconds, **timing.get("test", {})}
             atomic_write_json(self.run_dir / "timing.json", {**timing, "params": info["params"],
                                                              "teacher_params": info["teacher_params"]})
+            info["machine"] = timing["machine"]
             self.pipeline.write_report(self.run_dir, metrics, info)
             atomic_write_json(self.run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
             log(f"done: selected step {metrics['selected_step']}, test worst-group "
