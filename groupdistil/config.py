@@ -109,12 +109,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file (a BOM is accepted); undecodable bytes are an error naming the file and the offset."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (undecodable byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    """A UTF-8 config file (a BOM is accepted); undecodable bytes are an error naming the file and the offset."""
+    from .io import read_utf8_text
+
+    return read_utf8_text(path, "config")
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:

@@ -4,6 +4,8 @@ A kill at any moment leaves either the old file or the new one, never a truncate
 """
 from __future__ import annotations
 
+import codecs
+import hashlib
 import json
 import os
 import tempfile
@@ -78,3 +80,32 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_utf8_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of ``path`` decoded as UTF-8 (a leading byte-order mark dropped); a missing file or an undecodable
+    byte raises a UserError naming the file, the byte, its offset in the file and its line."""
+    from .errors import UserError
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        line = raw.count(b"\n", 0, offset) + 1
+        raise UserError(f"{path}: the {what} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
+                        f"(line {line}) cannot be decoded; save the file as UTF-8") from None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 (hex) of the full content of ``path``, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -45,7 +45,6 @@ count is 0).
 """
 from __future__ import annotations
 
-import codecs
 import csv
 import dataclasses
 import hashlib
@@ -60,6 +59,7 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
 from groupdistil.errors import UserError
+from groupdistil.io import file_digest, read_utf8_text
 
 METADATA_CSV_NAMES = (
     "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv",
@@ -137,24 +137,6 @@ def _int_field(value: str, code: str, column: str, path: Path) -> int:
     if not np.isfinite(number) or number != int(number):
         raise UserError(f"subject {code}: {path}: column '{column}' must be an integer, got '{value}'")
     return int(number)
-
-
-def read_utf8_text(path: Path, what: str) -> str:
-    """The text of ``path`` decoded as UTF-8 (a leading byte-order mark dropped); an undecodable byte raises a
-    UserError naming the file, the byte, its offset in the file and its line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        line = raw.count(b"\n", 0, offset) + 1
-        raise UserError(f"{path}: the {what} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
-                        f"(line {line}) cannot be decoded; save the file as UTF-8") from None
 
 
 def read_metadata(path: Path) -> dict[str, dict[str, Any]]:
@@ -318,13 +300,6 @@ def read_subjects(root: Path, metadata_csv: str | None = None) -> list[Subject]:
     return subjects
 
 
-def file_digest(path: Path) -> str:
-    """sha256 (hex) of the full content of ``path`` (read in chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(root: Path, metadata_csv: str | None = None, subjects: Sequence[Subject] | None = None) -> str:

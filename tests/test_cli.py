@@ -160,8 +160,8 @@ def test_debug_before_the_command_shows_traceback(wb_root, tmp_path):
 def test_config_that_is_not_utf8(wb_root, tmp_path, capsys):
     cfg = tmp_path / "latin1.yaml"
     cfg.write_bytes("pipeline: waterbirds\n# Zürich\n".encode("latin-1"))
-    _bad(capsys, tmp_path, str(cfg), "--data-root", str(wb_root), match=f"{cfg}: not UTF-8 text (undecodable byte "
-                                                                       f"0xfc at offset 24)")
+    _bad(capsys, tmp_path, str(cfg), "--data-root", str(wb_root), match=f"{cfg}: the config is not UTF-8 text: byte "
+                                                                       f"0xfc at offset 24 (line 2) cannot be decoded")
 
 
 class _Payload:

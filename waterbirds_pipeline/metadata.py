@@ -6,7 +6,6 @@ waterbird, ``place`` 1 = water. Group = 2 * y + place. The file must be UTF-8 (a
 """
 from __future__ import annotations
 
-import codecs
 import csv
 import hashlib
 import io
@@ -16,6 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from groupdistil.errors import UserError
+from groupdistil.io import file_digest, read_utf8_text
 
 RELEASE_DIR = "waterbird_complete95_forest2water2"
 METADATA = "metadata.csv"
@@ -42,13 +42,6 @@ def resolve_root(data_root: Path) -> Path:
     raise UserError(f"{data_root}: no {METADATA} here nor in {data_root / RELEASE_DIR}")
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 (hex) of the full content of ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(root: Path, meta: Metadata | None = None) -> str:
@@ -56,27 +49,10 @@ def fingerprint(root: Path, meta: Metadata | None = None) -> str:
     path, size and content hash (so a replaced image changes it even when its name and size do not)."""
     root = Path(root)
     meta = read_metadata(root) if meta is None else meta
-    digest = hashlib.sha256(_file_digest(root / METADATA).encode())
+    digest = hashlib.sha256(file_digest(root / METADATA).encode())
     for path in sorted(set(meta.path)):
-        digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}:{_file_digest(path)}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}:{path.stat().st_size}:{file_digest(path)}\n".encode())
     return digest.hexdigest()[:12]
-
-
-def read_utf8_text(path: Path) -> str:
-    """The text of ``path`` as UTF-8 (a leading byte-order mark dropped); an undecodable byte raises a UserError
-    naming the file, the byte, its offset in the file and its line."""
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        line = raw.count(b"\n", 0, offset) + 1
-        raise UserError(f"{path}: the metadata CSV is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
-                        f"(line {line}) cannot be decoded; save the file as UTF-8") from None
 
 
 @dataclass(frozen=True)
@@ -123,7 +99,7 @@ def read_metadata(root: Path) -> Metadata:
     """Parse and validate ``root/metadata.csv`` (columns, values, image files exist); images are not decoded."""
     root = Path(root)
     csv_path = root / METADATA
-    reader = csv.DictReader(io.StringIO(read_utf8_text(csv_path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_utf8_text(csv_path, "metadata CSV"), newline=""))
     header = [c.strip() for c in reader.fieldnames or []]
     missing = [c for c in COLUMNS if c not in header]
     if missing:
