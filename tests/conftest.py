@@ -19,3 +19,12 @@ def toy_cfg():
     return deep_merge(cfg, {"pipeline": "toy", "train": {"max_steps": 12, "batch_size": 32, "lr": 0.05,
                                                           "eval_every": 6, "checkpoint_every": 6, "log_every": 4,
                                                           "device": "cpu"}})
+
+
+@pytest.fixture
+def teacher_dir(toy_cfg, tmp_path):
+    """A finished toy ERM run to distil from."""
+    from toy_pipeline import train_toy
+
+    train_toy(toy_cfg, tmp_path / "teacher")
+    return tmp_path / "teacher"

@@ -128,3 +128,14 @@ class ToyPipeline(Pipeline):
     @classmethod
     def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
+
+
+def train_toy(cfg: dict[str, Any], out: Path, **kw: Any) -> Any:
+    """Train a toy run into ``out`` (a copy of ``cfg``); returns the Trainer (its ``run()`` result in ``.result``)."""
+    import copy
+
+    from groupdistil.trainer import Trainer
+
+    t = Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw)
+    t.result = t.run()
+    return t

@@ -234,10 +234,10 @@ def test_unknown_synthesis_option_is_an_error(tmp_path, monkeypatch):
 def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
     import argparse
 
-    import groupdistil.pipeline
+    from groupdistil.experiments import run as run_module
 
     torch.set_num_threads(1)
-    monkeypatch.setattr(groupdistil.pipeline, "pipeline_classes", lambda: {"toy": ToyPipeline})
+    monkeypatch.setattr(run_module, "get_pipeline", {"toy": ToyPipeline}.__getitem__)
     p = argparse.ArgumentParser()
     cli.add_parser(p.add_subparsers(dest="command"))
     exp = write_experiment(tmp_path, methods=["erm"], seeds=[0], teacher_config="")

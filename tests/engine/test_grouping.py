@@ -1,28 +1,20 @@
 """Groups without labels: the error split, k-means, the adjusted Rand index, and training that never reads the true
 group column."""
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from toy_pipeline import ToyPipeline
+from toy_pipeline import train_toy
 
 from groupdistil.config import deep_merge
 from groupdistil.grouping import adjusted_rand_index, confusion, infer_groups, kmeans
-from groupdistil.trainer import Trainer
 
 
 def run(cfg, out, **kw):
-    t = Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw)
-    t.run()
-    return t
+    return train_toy(cfg, out, **kw)
 
 
-@pytest.fixture
-def teacher_dir(toy_cfg, tmp_path):
-    run(toy_cfg, tmp_path / "teacher")
-    return tmp_path / "teacher"
 
 
 def test_error_split_on_a_hand_made_set():

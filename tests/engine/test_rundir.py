@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from toy_pipeline import ToyPipeline
+from toy_pipeline import ToyPipeline, train_toy
 
 from groupdistil.checkpoint import load_checkpoint, rng_state, set_rng_state
 from groupdistil.config import deep_merge
@@ -22,7 +22,7 @@ from groupdistil.trainer import Trainer
 
 
 def run(cfg, out, **kw):
-    return Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw).run()
+    return train_toy(cfg, out, **kw).result
 
 
 def steps(path):

@@ -1,31 +1,23 @@
 """The signals EG can ascend (method_args.signal): train, heldout, excess. EG identity on real runs' logs, the
 held-out samples never trained on, and the excess loss by hand."""
-import copy
 import json
 import math
 
 import pytest
 import torch
-from toy_pipeline import ToyNet, ToyPipeline, make_data
+from toy_pipeline import ToyNet, make_data, train_toy
 
 from groupdistil.config import ENGINE_DEFAULTS, deep_merge
 from groupdistil.losses import TaskLoss, per_sample_ce
 from groupdistil.methods import METHODS
 from groupdistil.sampling import StepBatchSampler, heldout_split
 from groupdistil.teacher import Teacher
-from groupdistil.trainer import Trainer
 
 
 def run(cfg, out, **kw):
-    t = Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw)
-    t.run()
-    return t
+    return train_toy(cfg, out, **kw)
 
 
-@pytest.fixture
-def teacher_dir(toy_cfg, tmp_path):
-    run(toy_cfg, tmp_path / "teacher")
-    return tmp_path / "teacher"
 
 
 @pytest.mark.parametrize("signal", ["train", "heldout", "excess"])

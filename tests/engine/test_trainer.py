@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from toy_pipeline import ToyPipeline
+from toy_pipeline import ToyPipeline, train_toy
 
 from groupdistil.config import deep_merge
 from groupdistil.errors import UserError
@@ -12,13 +12,9 @@ from groupdistil.trainer import Trainer
 
 
 def run(cfg, out, **kw):
-    return Trainer(copy.deepcopy(cfg), ToyPipeline, out, out, **kw).run()
+    return train_toy(cfg, out, **kw).result
 
 
-@pytest.fixture
-def teacher_dir(toy_cfg, tmp_path):
-    run(toy_cfg, tmp_path / "teacher")
-    return tmp_path / "teacher"
 
 
 def read_log(path):
