@@ -5,6 +5,9 @@ tuples, str, int, float, bool, None): ``format`` (:data:`CKPT_FORMAT`), ``run_ha
 ``model`` (a state dict) and, in ``last.pt``, the optimizer, scheduler, method and RNG states. Every load uses
 ``torch.load(..., weights_only=True)``: PyTorch's restricted unpickler, which rebuilds tensors and plain containers
 and refuses any other object, so a crafted file is rejected before anything in it can run.
+
+``model.init_from`` (:func:`init_from`, applied by the trainer to the model a run trains) starts a model from a run
+folder, a checkpoint or a plain state dict, read the same safe way; the model's ``init_required`` part must load.
 """
 from __future__ import annotations
 
@@ -113,8 +116,20 @@ def init_state_dict(path: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     return file, _plain_state_dict(obj, file)
 
 
+def _fit(own: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """``v`` as a value of ``own``: itself when the shapes match; an RGB first convolution ``(O, 3, kh, kw)`` summed
+    over its input channels for a grey-scale model ``(O, 1, kh, kw)`` (as smp and timm adapt pretrained weights);
+    else ``None``."""
+    if own.shape == v.shape:
+        return v
+    if own.dim() == 4 and v.dim() == 4 and own.shape[1] == 1 and v.shape[1] == 3 and \
+            own.shape[0] == v.shape[0] and own.shape[2:] == v.shape[2:]:
+        return v.sum(1, keepdim=True)
+    return None
+
+
 def _matches(model_sd: dict[str, torch.Tensor], source: dict[str, torch.Tensor], prefix: str) -> int:
-    return sum(1 for k, v in source.items() if (m := model_sd.get(prefix + k)) is not None and m.shape == v.shape)
+    return sum(1 for k, v in source.items() if (m := model_sd.get(prefix + k)) is not None and _fit(m, v) is not None)
 
 
 def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | None = None,
@@ -124,6 +139,7 @@ def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | No
 
     ``prefixes``: where the file's names may sit in the model (``""`` for a file of the same model, e.g.
     ``"backbone."`` for plain torchvision weights in a wrapper); the prefix that matches the most tensors is used.
+    A grey-scale model's first convolution takes RGB weights summed over their channels (see :func:`_fit`).
     Every model tensor whose name starts with one of ``required`` and with none of ``optional`` (the required part,
     e.g. the encoder without its classification head) must be loaded, or nothing is loaded and a UserError lists the
     first mismatching names and shapes. Other tensors (decoder, heads) keep their initialisation when absent.
@@ -137,22 +153,24 @@ def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | No
     own = model.state_dict()
     prefix = max(prefixes, key=lambda p: _matches(own, source, p))  # the first of equals: the order is a preference
     mapped = {prefix + k: v for k, v in source.items()}
-    loaded = {k: v for k, v in mapped.items() if k in own and own[k].shape == v.shape}
+    fitted = {k: _fit(own[k], v) for k, v in mapped.items() if k in own}
+    loaded = {k: v for k, v in fitted.items() if v is not None}
+    adapted = [k for k in loaded if loaded[k] is not mapped[k]]
     need = [k for k in own if k.startswith(required) and not k.startswith(optional)] if required else []
     bad = [k for k in need if k not in loaded]
     if bad:
+        more = f"; and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+
         def shapes(k: str) -> str:
-            got = tuple(mapped[k].shape) if k in mapped else "absent"
-            return f"{k} {tuple(own[k].shape)} vs {got}"
+            return f"{k}: model {tuple(own[k].shape)}, file {tuple(mapped[k].shape) if k in mapped else 'absent'}"
         raise UserError(
-            f"{path}: model.init_from does not fit this model: {len(bad)} of the {len(need)} tensors of its required "
-            f"part ({', '.join(required)}) are absent or of another shape in {file} (names matched under prefix "
-            f"'{prefix}'): {'; '.join(shapes(k) for k in bad[:_SHOWN])}{' ...' if len(bad) > _SHOWN else ''}")
-    with torch.no_grad():
-        for k, v in loaded.items():
-            own[k].copy_(v)
+            f"{file}: model.init_from does not fit this model: {len(bad)} of the {len(need)} tensors of its required "
+            f"part ({', '.join(required)}) are absent or of another shape (names matched under prefix '{prefix}'): "
+            f"{'; '.join(shapes(k) for k in bad[:_SHOWN])}{more}")
+    model.load_state_dict(loaded, strict=False)
     return (f"init_from {path}: loaded {len(loaded)} tensors, {len(own) - len(loaded)} missing, "
-            f"{len(mapped) - len(loaded)} unexpected")
+            f"{len(mapped) - len(loaded)} unexpected"
+            + (f" ({', '.join(adapted)}: RGB weights summed for 1 input channel)" if adapted else ""))
 
 
 # --- random number generator states as tensors and plain values (so that weights_only loading can read them) ---

@@ -5,6 +5,7 @@
     groupdistil synth {mms,waterbirds} --out DIR [--seed N] [--option key=value ...] [--force]
     groupdistil compare EXPERIMENT.yaml --data-root DIR --out DIR
     groupdistil export RUN_DIR --format torchscript|onnx
+    groupdistil evaluate --pred PRED --data-root DIR --out DIR [--split test|val] [--config CONFIG.yaml]
 """
 from __future__ import annotations
 
@@ -98,7 +99,13 @@ def _add_compare(sub: Any) -> None:
     add_parser(sub)
 
 
-_extra_commands: list[Callable[[Any], None]] = [_add_compare, _add_export]
+def _add_evaluate(sub: Any) -> None:
+    from .evaluate import add_parser
+
+    add_parser(sub)
+
+
+_extra_commands: list[Callable[[Any], None]] = [_add_compare, _add_export, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -243,18 +243,30 @@ def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None, pi
     elif name != pipeline_cls.name:
         raise UserError(f"{path}: pipeline '{name}' but this run uses '{pipeline_cls.name}'")
     schema = config_schema(pipeline_cls)
-    validate(user, schema, str(path))
     overrides = overrides or {}
-    validate(overrides, schema, source)
+    file_args, over_args = _method_args_of(user, str(path)), _method_args_of(overrides, source)
+    validate({k: v for k, v in user.items() if k != "method_args"}, schema, str(path))
+    validate({k: v for k, v in overrides.items() if k != "method_args"}, schema, source)
     cfg = deep_merge(deep_merge(schema, user), overrides)
-    cfg["method_args"] = {**(user.get("method_args") or {}), **(overrides.get("method_args") or {})}
-    explicit = (overrides.get("method_args") or {}) if strict_method_args else {}
+    cfg["method_args"] = {**file_args, **over_args}
+    known = set(schema["method_args"])  # a key no method has is a typo, wherever it is
+    for src, args in ((str(path), file_args), (source, over_args)):
+        select_method_args({"method": cfg["method"], "method_args": {}},
+                           {k: v for k, v in args.items() if k not in known}, src)
+    explicit = over_args if strict_method_args else {}
     dropped = select_method_args(cfg, explicit=explicit, source=source)
     if notes is not None:
         notes += [f"{path}: method_args.{k} is not a hyperparameter of method '{cfg['method']}' (left out of this "
                   f"run's config)" for k in dropped]
     check_ranges(cfg, source)
     return cfg
+
+
+def _method_args_of(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    args = cfg.get("method_args") or {}
+    if not isinstance(args, dict):
+        raise UserError(f"{source}: config key 'method_args' must be a mapping, got {args!r}")
+    return dict(args)
 
 
 def select_method_args(cfg: dict[str, Any], explicit: dict[str, Any], source: str) -> list[str]:

@@ -17,11 +17,16 @@ free core (``OMP_NUM_THREADS``).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Mapping, Sequence
+from urllib.parse import urlparse
 
+import safetensors.torch
 import segmentation_models_pytorch as smp
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from groupdistil.errors import UserError
@@ -30,6 +35,13 @@ from groupdistil.runtime import count_params
 
 class SegClsNet(nn.Module):
     """Wraps an smp model: ``x (B, C, H, W) -> {"seg": (B, n_seg, H, W)[, "cls": (B, n_cls)]}``."""
+
+    #: ``model.init_from`` (:func:`groupdistil.checkpoint.init_from`): the encoder must load fully; decoder and heads
+    #: may stay random. Plain weights may be a whole smp model (``net.``), smp encoder weights (``net.encoder.``) or
+    #: the timm model inside a ``tu-`` encoder (``net.encoder.model.``)
+    init_required = ("net.encoder.",)
+    init_optional = ()
+    init_prefixes = ("", "net.", "net.encoder.", "net.encoder.model.")
 
     def __init__(self, net: nn.Module, classify: bool) -> None:
         super().__init__()
@@ -43,26 +55,83 @@ class SegClsNet(nn.Module):
         return {"seg": out}
 
 
+def cached_encoder_weights(encoder: str) -> tuple[Path | None, str]:
+    """The ImageNet weights of ``encoder`` in the local caches (``None`` when absent), and where to put them.
+
+    smp encoders: ``model.safetensors`` of their ``smp-hub`` repository (``imagenet`` weights) in the Hugging Face hub
+    cache, at the pinned revision; ``tu-`` encoders: timm's default pretrained tag, as the file of its URL in the
+    torch hub cache (``TORCH_HOME``) or ``model.safetensors`` / ``pytorch_model.bin`` in the hub cache. Nothing is
+    downloaded.
+    """
+    hub = Path(hf_constants.HF_HUB_CACHE)
+    if encoder.startswith("tu-"):
+        cfg = timm.models.get_pretrained_cfg(encoder[3:])
+        if cfg is None or not (cfg.hf_hub_id or cfg.url):
+            raise UserError(f"model.pretrained: timm has no pretrained weights for '{encoder[3:]}'; set "
+                            f"model.pretrained: false, or model.init_from: a local weights file")
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors",
+                                                                                    "pytorch_model.bin"]
+        places = [(cfg.hf_hub_id, name, None) for name in names if cfg.hf_hub_id]
+        legacy = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name if cfg.url else None
+        where = (f"{legacy} (the torch hub cache)" if legacy else "") + (" or " if legacy and places else "") \
+            + (f"the Hugging Face hub cache {hub} (repository {cfg.hf_hub_id})" if places else "")
+    else:
+        settings = smp.encoders.encoders[encoder]["pretrained_settings"]
+        tag = "imagenet" if "imagenet" in settings else next(iter(settings), None)
+        if tag is None:
+            raise UserError(f"model.pretrained: smp has no pretrained weights for encoder '{encoder}'; set "
+                            f"model.pretrained: false, or model.init_from: a local weights file")
+        repo_id, revision = settings[tag]["repo_id"], settings[tag]["revision"]
+        places, legacy = [(repo_id, "model.safetensors", revision)], None
+        where = str(hub / f"models--{repo_id.replace('/', '--')}" / "snapshots" / revision / "model.safetensors")
+    if legacy is not None and legacy.is_file():
+        return legacy, where
+    for repo_id, filename, revision in places:
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(found, str):
+            return Path(found), where
+    return None, where
+
+
+def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module:
+    """An ``smp.Unet`` whose encoder has its cached ImageNet weights (the first convolution adapted to
+    ``in_channels`` as smp and timm do: summed over RGB); a UserError says what to do when they are not cached."""
+    weights, where = cached_encoder_weights(encoder)
+    if weights is None:
+        raise UserError(
+            f"model.pretrained: the ImageNet weights of encoder '{encoder}' are not in the local cache and cannot be "
+            f"downloaded offline (nothing is downloaded here); put the weights file at {where}, or set "
+            f"model.init_from: a local run folder or weights file (a state dict of the model or its encoder), or "
+            f"model.pretrained: false")
+    if encoder.startswith("tu-"):  # timm reads the local file itself and adapts the first convolution
+        return smp.Unet(encoder_name=encoder, encoder_weights=True, in_channels=in_channels,
+                        pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    net = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=3, **kwargs)
+    net.encoder.load_state_dict(safetensors.torch.load_file(str(weights), device="cpu"))
+    net.encoder.set_in_channels(in_channels, pretrained=True)
+    return net
+
+
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
                dropout: float = 0.2, pretrained: bool = False) -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head (avg pooling on the deepest encoder features)
-    when ``heads`` has one. ``pretrained`` weights cannot be downloaded offline: a UserError says what to do."""
-    if pretrained:
-        raise UserError(
-            "model.pretrained: true needs encoder weights from a model hub, which cannot be downloaded offline; "
-            "set model.pretrained: false (weights from scratch) or put the weights in the torch hub cache first"
-        )
+    when ``heads`` has one. ``pretrained``: the encoder's ImageNet weights from the local cache (see
+    :func:`cached_encoder_weights`); never downloaded: when they are not cached, a UserError says what to do."""
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
                         f"{', '.join(known)}")
     aux = {"classes": int(heads["cls"]), "pooling": "avg", "dropout": float(dropout)} if "cls" in heads else None
+    kwargs = {"classes": int(heads["seg"]), "decoder_channels": tuple(int(c) for c in decoder_channels),
+              "aux_params": aux}
     try:
-        net = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=int(heads["seg"]),
-                       decoder_channels=tuple(int(c) for c in decoder_channels), aux_params=aux)
+        if pretrained:
+            net = _pretrained_unet(encoder, in_channels, **kwargs)
+        else:
+            net = smp.Unet(encoder_name=encoder, encoder_weights=None, in_channels=in_channels, **kwargs)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}): "
-                        f"{exc}") from None
+        raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
+                        f"{', pretrained' if pretrained else ''}): {exc}") from None
     return SegClsNet(net, classify=aux is not None)
 
 

@@ -37,9 +37,9 @@ from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
 from groupdistil.stats import group_mean
 
-from . import data, report
+from . import data, report, scoring
 from .geometry import save_prediction
-from .metrics import case_metrics, clinical_indices, mean_dice, read_per_case_csv, write_per_case_csv
+from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
 from .metrics import summarise as summarise_rows
 from .models import build_unet
 from .synth import synthesize as synthesize_release
@@ -67,7 +67,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
         "encoder": "tu-tf_mobilenetv3_small_minimal_100",  # any smp encoder name, e.g. resnet18
         "decoder_channels": [32, 16, 16, 8, 8],
-        "pretrained": False,  # True needs downloadable weights: refused offline
+        "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
+        "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # add the pathology head ("cls")
         "dropout": 0.2,  # dropout of the classification head
     },
@@ -250,6 +251,9 @@ class MMSPipeline(Pipeline):
         return data.fingerprint(self.data_root, self.dcfg["metadata_csv"], used)
 
     # --- models ---------------------------------------------------------------------------------------------------
+    def class_names(self) -> list[str]:
+        return list(self.dcfg["classes"])
+
     @property
     def heads(self) -> dict[str, int]:
         return self.heads_for(self.mcfg)
@@ -285,13 +289,12 @@ class MMSPipeline(Pipeline):
     # --- evaluation -----------------------------------------------------------------------------------------------
     def load_case(self, subject: data.Subject) -> SubjectCase:
         vols = data.load_volumes(subject)
-        zooms = nib.load(subject.image).header.get_zooms()[:3]
+        gts, spacing = scoring.native_truth(subject, vols)
         phases = {}
         for phase in data.PHASES:
-            t = subject.frame(phase)
-            image = self.preprocessor({"image": vols["image"], "frame": t})["image"]
-            phases[phase] = PhaseCase(image=image, gt=vols["label"][t].numpy().round().astype(np.uint8))
-        return SubjectCase(subject, tuple(float(z) for z in zooms), phases)
+            image = self.preprocessor({"image": vols["image"], "frame": subject.frame(phase)})["image"]
+            phases[phase] = PhaseCase(image=image, gt=gts[phase])
+        return SubjectCase(subject, spacing, phases)
 
     @cached_property
     def _cases(self) -> dict[str, dict[int, SubjectCase]]:
@@ -334,20 +337,17 @@ class MMSPipeline(Pipeline):
         """Per-phase rows (official columns + extras) and the inference time; when ``pred_dir`` is given the
         predictions are written there as ``<code>_sa_ED.nii.gz`` / ``_ES`` in the input's geometry."""
         s = case.subject
-        rows, preds, cls_probs, seconds = [], {}, [], 0.0
+        preds, cls_probs, seconds = {}, [], 0.0
         for phase, pc in case.phases.items():
             pred, cls, sec = self.predict_volume(predict, pc.image)
             seconds += sec
             preds[phase] = pred
-            rows.append({"Name": s.code, "ED/ES": phase, "Vendor": s.vendor, "Centre": s.centre,
-                         **case_metrics(pred, pc.gt, case.spacing)})
             if cls is not None:
                 cls_probs.append(cls)
             if pred_dir is not None:
                 img = nib.load(s.image)
-                save_prediction(pred_dir / f"{s.code}_sa_{phase}.nii.gz", pred, img.affine, img.header)
-        ed, es = case.phases["ED"], case.phases["ES"]
-        rows[0].update(clinical_indices(preds["ED"], preds["ES"], ed.gt, es.gt, case.spacing, case.spacing))
+                save_prediction(pred_dir / scoring.file_name(s, phase, "groupdistil"), pred, img.affine, img.header)
+        rows = scoring.subject_rows(s, preds, {ph: pc.gt for ph, pc in case.phases.items()}, case.spacing)
         if cls_probs:
             predicted = int(torch.cat(cls_probs).mean(0).argmax())
             truth = self.class_index(s)
@@ -411,6 +411,22 @@ class MMSPipeline(Pipeline):
                     self.save_examples(rows, Path(out_dir))
         result["timing"] = timing
         return result
+
+    def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
+        """Score label maps made elsewhere (:mod:`mms_pipeline.scoring`) as :meth:`evaluate` scores the model's: the
+        same ``per_case.csv`` (``per_case_<split>.csv`` for val) and, for test, ``examples.npz`` in ``out_dir``;
+        returns :meth:`summarise` of the rows plus ``naming`` (``groupdistil`` or ``nnunet``)."""
+        if split not in ("val", "test"):
+            raise UserError(f"unknown split '{split}'; valid: val, test")
+        if self.ecfg["metric"] != "dice":
+            raise UserError(f"eval.metric is '{self.ecfg['metric']}' (pathology classification), which label maps "
+                            f"cannot score; evaluate with a config of eval.metric: dice")
+        rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split)
+        name = report.PER_CASE_FILE if split == "test" else f"per_case_{split}.csv"
+        write_per_case_csv(Path(out_dir) / name, rows)
+        if split == "test":
+            collector.save(Path(out_dir) / report.EXAMPLES_FILE)
+        return {**self.summarise(rows), "naming": naming}
 
     def save_examples(self, rows: list[dict[str, Any]], out_dir: Path) -> None:
         """Best and worst volume per vendor as ``out_dir/examples.npz`` (from the written predictions)."""

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 
 from groupdistil.io import atomic_write_bytes
 from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure
+from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
 
@@ -299,6 +300,43 @@ def _phase_section(doc: Doc, rows: Sequence[Mapping[str, Any]]) -> None:
     doc.table(headers, table)
 
 
+CI_COLUMNS = (MEAN_DICE, *(f"Dice {s}" for s in STRUCTURES))
+CI_NOTE = (
+    f"95% percentile bootstrap intervals over subjects: {N_BOOT} resamples (seed {BOOT_SEED}) of each vendor's "
+    "subjects, drawn with replacement, a subject's ED and ES volumes kept together (they are not independent), "
+    "vendor sizes kept. They say how much a vendor's mean Dice could move with other test subjects of that vendor, "
+    "not with another training seed. 'worst vendor' is the lowest vendor mean on each resample (the worst vendor may "
+    "change), 'all volumes' the mean over every volume. With a handful of subjects the interval is itself unreliable "
+    "(and a single subject gives a point); overlapping intervals do not show that two vendors are alike.")
+
+
+def dice_bootstrap(rows: Sequence[Mapping[str, Any]]) -> GroupBootstrap:
+    """Per-vendor bootstrap (:func:`groupdistil.stats.bootstrap_group_means`) of the ``CI_COLUMNS`` of per-case
+    rows, resampling subjects (``Code``, else ``Name``) within each vendor, so ED and ES stay together."""
+    values = [[mean_dice(r), *(float(r[f"Dice {s}"]) for s in STRUCTURES)] for r in rows]
+    vendors = sorted({str(r["Vendor"]) for r in rows})
+    return bootstrap_group_means(values, [str(r["Vendor"]) for r in rows],
+                                 [str(r.get("Code") or r["Name"]) for r in rows], group_names=vendors)
+
+
+def _ci_text(ci: Any) -> str:
+    return "-" if math.isnan(ci.low) else f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+
+def _ci_section(doc: Doc, rows: Sequence[Mapping[str, Any]], split: str) -> None:
+    boot = dice_bootstrap(rows)
+    sizes = [sum(str(r["Vendor"]) == v for r in rows) for v in boot.groups]
+    table = [[v, int(boot.n_units[i]), *[_ci_text(boot.group_ci(v, j)) for j in range(len(CI_COLUMNS))]]
+             for i, v in enumerate(boot.groups)]
+    table.append(["worst vendor", int(boot.n_units.sum()),
+                  *[_ci_text(boot.worst_ci(j)) for j in range(len(CI_COLUMNS))]])
+    table.append(["all volumes", int(boot.n_units.sum()),
+                  *[_ci_text(boot.weighted_ci(sizes, j)) for j in range(len(CI_COLUMNS))]])
+    doc.heading(f"{split}: mean Dice per vendor with 95% bootstrap intervals")
+    doc.table(["Vendor", "subjects", *CI_COLUMNS], table)
+    doc.para(CI_NOTE, note=True)
+
+
 def _centre_section(doc: Doc, ev: Mapping[str, Any]) -> None:
     by_centre = ev.get("by_centre")
     if not by_centre:
@@ -348,15 +386,22 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
     ``by_vendor`` and ``by_centre`` (:func:`mms_pipeline.metrics.summarise`), ``worst_group_metric``,
     ``average_metric``, ``cls_acc_by_vendor``, ``worst_vendor_cls_acc``; any may be missing. ``info``: ``method``,
     ``seed``, ``train_seconds``, ``params``, ``teacher_params``, ``infer_seconds_per_case``,
-    ``teacher_infer_seconds_per_case``; any may be missing.
+    ``teacher_infer_seconds_per_case``; any may be missing. With ``predictions`` in ``info`` (``groupdistil evaluate``:
+    also ``naming``, ``data_root``) the report describes scored predictions: no model, timing or checkpoint sections.
+    The per-vendor bootstrap intervals (:func:`dice_bootstrap`) come from ``per_case.csv``.
     """
     run_dir = Path(run_dir)
     ev = metrics.get("test") or metrics.get("val") or {}
     split = "Test" if metrics.get("test") else "Validation"
+    scored = "predictions" in info  # groupdistil evaluate: label maps made elsewhere
     doc = Doc()
-    doc.para(f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
-             f"training time {fmt(info.get('train_seconds'), 0)} s.")
-    _model_section(doc, info)
+    if scored:
+        doc.para(f"Predictions {info['predictions']} ({info.get('naming', '-')} file names) scored against "
+                 f"{info.get('data_root', '-')}, {split.lower()} split.")
+    else:
+        doc.para(f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
+                 f"training time {fmt(info.get('train_seconds'), 0)} s.")
+        _model_section(doc, info)
     _vendor_section(doc, ev, f"{split}: per vendor")
     teacher = ev.get("teacher")
     if isinstance(teacher, Mapping) and teacher.get("by_vendor"):
@@ -365,6 +410,7 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
     per_case = run_dir / PER_CASE_FILE
     rows = read_per_case_csv(per_case) if per_case.exists() else []
     if rows:
+        _ci_section(doc, rows, "Test")
         _phase_section(doc, rows)
         doc.heading("Dice per vendor")
         doc.image(dice_boxplot(rows, run_dir / BOXPLOT_FILE), "Dice box plots")
@@ -376,7 +422,8 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
         doc.para("Mid-ventricular slice; LV red, MYO green, RV blue.")
         doc.image(examples_figure(examples, run_dir / EXAMPLES_PNG), "example slices")
     _centre_section(doc, ev)
-    _selection_section(doc, metrics)
+    if not scored:
+        _selection_section(doc, metrics)
     doc.heading("How empty predictions are scored")
     doc.para(EMPTY_NOTE)
-    doc.write(run_dir, f"M&Ms-1 segmentation: {info.get('method', 'run')}")
+    doc.write(run_dir, f"M&Ms-1 segmentation: {'scored predictions' if scored else info.get('method', 'run')}")

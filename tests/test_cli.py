@@ -227,7 +227,8 @@ def test_method_args_belong_to_the_selected_method(wb_root, wb_teacher, tmp_path
     _bad(capsys, tmp_path, cfg, *d, "--method", "kd", "--set", "method_args.eta=0.1",
          match="method_args.eta is not a hyperparameter of method 'kd'; valid: (none)")
     _bad(capsys, tmp_path, cfg, *d, "--method", "groupdistil", "--set", "method_args.etaa=0.1",
-         match="unknown config key 'method_args.etaa'; valid keys at method_args: adj_c, eta, heldout_every, heldout_fraction, normalize_loss, signal")
+         match="method_args.etaa is not a hyperparameter of method 'groupdistil'; valid: adj_c, eta, heldout_every, "
+               "heldout_fraction, normalize_loss, signal")
     _bad(capsys, tmp_path, cfg, *d, "--method", "groupdistil", "--set", "method_args.eta=-1",
          match="method_args.eta must be >= 0.0 (got -1)")
 

@@ -23,6 +23,12 @@ for _name in ("resnet18", "resnet34", "resnet50"):
 class Classifier(nn.Module):
     """A torchvision backbone whose ``forward(x)`` returns ``{"cls": logits}``, logits ``(B, n_classes)``."""
 
+    #: ``model.init_from`` (:func:`groupdistil.checkpoint.init_from`): the backbone must load fully, its ``fc`` head
+    #: may stay random (another number of classes); plain torchvision / timm ResNet weights sit under ``backbone.``
+    init_required = ("backbone.",)
+    init_optional = ("backbone.fc.",)
+    init_prefixes = ("", "backbone.")
+
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
@@ -38,16 +44,20 @@ def imagenet_checkpoint(arch: str) -> tuple[str, Path]:
 
 
 def load_imagenet_weights(arch: str) -> dict[str, Any]:
-    """State dict of the ImageNet weights, from the torch hub cache or downloaded; a UserError if neither works."""
+    """State dict of the ImageNet weights, from the torch hub cache only (never downloaded: there is no network
+    here), read with ``weights_only=True``; a UserError says what to do when they are not there."""
     url, cached = imagenet_checkpoint(arch)
-    try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
-    except Exception as e:  # no network (URLError, OSError, ...) or an unreadable cached file
+    if not cached.is_file():
         raise UserError(
-            f"model.pretrained: the ImageNet weights of {arch} could not be loaded from {cached} nor downloaded from "
-            f"{url} ({type(e).__name__}: {e}); put that file at {cached} (the torch hub cache, see TORCH_HOME) "
-            f"or set model.pretrained: false"
-        ) from None
+            f"model.pretrained: the ImageNet weights of {arch} could not be loaded: {cached} is not in the torch hub "
+            f"cache and nothing is downloaded here; put the file of {url} at {cached} (the torch hub cache, see "
+            f"TORCH_HOME), or set model.init_from: a local run folder or weights file, or model.pretrained: false")
+    try:
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a truncated file, or one holding code (refused unrun)
+        raise UserError(f"model.pretrained: the ImageNet weights of {arch} could not be loaded from {cached} "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); replace that file, or set "
+                        f"model.pretrained: false") from None
 
 
 def build_model(arch: str, pretrained: bool, n_classes: int) -> Classifier:

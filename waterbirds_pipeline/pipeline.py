@@ -41,6 +41,7 @@ class WaterbirdsPipeline(Pipeline):
         "model": {
             "arch": "resnet18",  # resnet18 | resnet34 | resnet50
             "pretrained": False,  # torchvision ImageNet weights (from the torch hub cache when offline)
+            "init_from": None,  # run folder, checkpoint or plain state dict: the backbone's weights (fc may differ)
         },
         "eval": {
             "batch_size": 64,
@@ -102,6 +103,9 @@ class WaterbirdsPipeline(Pipeline):
     def heads(self) -> dict[str, int]:
         return {"cls": len(metadata.CLASS_NAMES)}
 
+    def class_names(self) -> list[str]:
+        return list(metadata.CLASS_NAMES)
+
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
         m = cfg["model"]
@@ -125,13 +129,29 @@ class WaterbirdsPipeline(Pipeline):
             result["teacher"] = accuracy_summary(preds[1], y, group, self.group_names, counts)
             result["teacher_agreement"] = float((preds[0] == preds[1]).mean())
         if out_dir is not None and dist_utils.is_main():
-            table = {"img_id": self.meta.img_id[rows], "y": y, "place": self.meta.place[rows],
-                     "group": np.asarray(self.group_names)[group], "prediction": preds[0]}
-            if teacher is not None:
-                table["teacher_prediction"] = preds[1]
-            csv_rows = [{"split": split, **dict(zip(table, values))} for values in zip(*table.values())]
-            report.update_predictions(Path(out_dir) / "predictions.csv", split, csv_rows)
+            self._write_predictions(Path(out_dir), split, preds[0], preds[1] if teacher is not None else None)
         result["timing"] = {"infer_seconds_per_case": (time.time() - t0) / len(rows)}
+        return result
+
+    def _write_predictions(self, out_dir: Path, split: str, pred: np.ndarray, teacher: np.ndarray | None) -> None:
+        """(Re)write the rows of ``split`` in ``out_dir/predictions.csv`` (predictions in split order)."""
+        rows = self.meta.where(split)
+        table = {"img_id": self.meta.img_id[rows], "y": self.meta.y[rows], "place": self.meta.place[rows],
+                 "group": np.asarray(self.group_names)[self.meta.group[rows]], "prediction": pred}
+        if teacher is not None:
+            table["teacher_prediction"] = teacher
+        csv_rows = [{"split": split, **dict(zip(table, values))} for values in zip(*table.values())]
+        report.update_predictions(out_dir / "predictions.csv", split, csv_rows)
+
+    def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
+        """Score a predictions CSV made elsewhere (``img_id``, ``prediction``; see
+        :func:`waterbirds_pipeline.report.read_predictions`) with the four accuracies, and write the split's rows
+        of ``out_dir/predictions.csv`` as :meth:`evaluate` does."""
+        rows = self.meta.where(split)
+        preds = report.read_predictions(Path(pred), self.meta, split)
+        result = accuracy_summary(preds, self.meta.y[rows], self.meta.group[rows], self.group_names,
+                                  self.train_group_counts)
+        self._write_predictions(Path(out_dir), split, preds, None)
         return result
 
     def _predict(self, predictors: list[Predictor], split: str) -> list[np.ndarray]:

@@ -1,18 +1,23 @@
-"""Waterbirds outputs: ``predictions.csv`` (every val and test image) and ``report.md`` / ``report.html``."""
+"""Waterbirds outputs: ``predictions.csv`` (every val and test image) and ``report.md`` / ``report.html``; reading a
+predictions CSV made elsewhere (:func:`read_predictions`, for ``groupdistil evaluate``)."""
 from __future__ import annotations
 
 import csv
 import html
 import io
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from matplotlib.figure import Figure
 
+from groupdistil.errors import UserError
 from groupdistil.io import atomic_write_text
 from groupdistil.report import Doc, fmt, save_figure
+from groupdistil.stats import BOOT_SEED, N_BOOT, BootstrapCI, bootstrap_group_means
 
-from .metadata import SPLITS
+from .metadata import CLASS_NAMES, METADATA, SPLITS, Metadata
 from .metrics import ACCURACY_DEFINITIONS
 
 PREDICTION_COLUMNS = ("img_id", "split", "y", "place", "group", "prediction", "teacher_prediction")
@@ -45,6 +50,71 @@ def case_scores(path: Path) -> list[tuple[str, str, float]] | None:
                 for r in csv.DictReader(fh) if r["split"] == "test"]
 
 
+def read_predictions(path: Path, meta: Metadata, split: str) -> np.ndarray:
+    """The predicted class (0 landbird, 1 waterbird) of every image of ``split``, int64 in split order, from a CSV
+    with columns ``img_id`` and ``prediction`` (others ignored; UTF-8, a byte-order mark is fine).
+
+    With a ``split`` column (a run's ``predictions.csv``) the rows of other splits are ignored; without one every row
+    must be an image of ``split``. Each problem is a UserError naming the file and line: a missing column, an
+    ``img_id`` that is not in ``metadata.csv`` or belongs to another split, an ``img_id`` listed twice, a prediction
+    that is not 0 or 1, an image of the split without a prediction.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not a file (Waterbirds predictions are a CSV with columns img_id, prediction)")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (undecodable byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [c.strip() for c in reader.fieldnames or []]
+    missing = [c for c in ("img_id", "prediction") if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(header) or '(none)'}")
+    reader.fieldnames = header
+    wanted = meta.where(split)
+    position = {int(meta.img_id[r]): i for i, r in enumerate(wanted)}
+    row_of = {int(i): r for r, i in enumerate(meta.img_id)}
+    preds = np.full(len(wanted), -1, dtype=np.int64)
+    first: dict[int, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if "split" in header:
+            if (row.get("split") or "").strip() not in SPLITS:
+                raise UserError(f"{path}:{line}: split '{row.get('split')}' is not one of {', '.join(SPLITS)}")
+            if row["split"].strip() != split:
+                continue
+        raw_id = (row.get("img_id") or "").strip()
+        if not raw_id.isdigit():
+            raise UserError(f"{path}:{line}: img_id '{raw_id}' is not a non-negative integer")
+        img_id = int(raw_id)
+        where = f"{path}:{line} (img_id {img_id})"
+        if img_id not in row_of:
+            raise UserError(f"{where}: no image with this img_id in {meta.root / METADATA}")
+        if img_id not in position:
+            other = SPLITS[int(meta.split[row_of[img_id]])]
+            raise UserError(f"{where}: an image of the {other} split, not of {split} (list the {split} images only, "
+                            f"or add a 'split' column)")
+        if img_id in first:
+            raise UserError(f"{where}: img_id listed twice (first at line {first[img_id]})")
+        first[img_id] = line
+        value = (row.get("prediction") or "").strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if number not in (0.0, 1.0):
+            raise UserError(f"{where}: prediction '{value}' is not a class (0 {CLASS_NAMES[0]}, 1 {CLASS_NAMES[1]})")
+        preds[position[img_id]] = int(number)
+    absent = np.flatnonzero(preds < 0)
+    if absent.size:
+        r = wanted[absent[0]]
+        raise UserError(f"{path}: no prediction for {absent.size} {split} image(s), e.g. img_id {meta.img_id[r]} "
+                        f"({meta.describe(r)})")
+    return preds
+
+
 def _teacher_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The teacher's ``{split: evaluate dict}``: the engine's ``teacher`` entry, else what evaluate attached."""
     if metrics.get("teacher"):
@@ -55,7 +125,8 @@ def _teacher_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 def _summary_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     """One row per evaluated (model, split): the five headline numbers."""
     step, last = metrics.get("selected_step"), metrics.get("last") or {}
-    sources = [(f"selected (step {fmt(step)})", metrics), (f"last (step {fmt(last.get('step'))})", last),
+    selected = f"selected (step {fmt(step)})" if "selected_step" in metrics else "predictions"
+    sources = [(selected, metrics), (f"last (step {fmt(last.get('step'))})", last),
                ("teacher", _teacher_metrics(metrics))]
     return [[f"{label} {split}", *(m[split].get(k) for k in SUMMARY_KEYS)]
             for label, m in sources for split in ("val", "test") if m.get(split)]
@@ -99,6 +170,51 @@ def plot_group_accuracy(path: Path, metrics: dict[str, Any], group_names: Sequen
     save_figure(fig, path)
 
 
+CI_NOTE = (
+    f"95% percentile bootstrap intervals over the test images: {N_BOOT} resamples (seed {BOOT_SEED}) of the images "
+    "of each group, drawn with replacement, group sizes kept. They say how much an accuracy could move with other "
+    "test images of the same kind, not with another training seed. The worst-group interval is that of the lowest "
+    "group accuracy on each resample, so it can sit below the worst group's own interval. Overlapping group intervals "
+    "do not show that two groups are alike; a narrow interval on a few images is not to be trusted either.")
+
+
+def accuracy_cis(path: Path, group_names: Sequence[str], train_counts: Sequence[int]) -> dict[str, BootstrapCI]:
+    """Bootstrap CIs (:func:`groupdistil.stats.bootstrap_group_means`, images resampled within each group) of each
+    group's test accuracy and of the four summary accuracies, from the test rows of ``predictions.csv``; {} without
+    any."""
+    scores = case_scores(path) or []
+    if not scores:
+        return {}
+    present = [g for g in group_names if any(s[1] == g for s in scores)]
+    boot = bootstrap_group_means([s[2] for s in scores], [s[1] for s in scores], group_names=present)
+    sizes = [int(n) for n in boot.n_units]
+    train = [train_counts[list(group_names).index(g)] for g in present]
+    out = {g: boot.group_ci(g) for g in present}
+    out["worst_group_acc"] = boot.worst_ci()
+    out["avg_acc"] = boot.weighted_ci(sizes)
+    if sum(train) > 0:
+        out["train_weighted_avg_acc"] = boot.weighted_ci(train)
+    out["mean_group_acc"] = boot.weighted_ci([1.0] * len(present))
+    return out
+
+
+def fmt_ci(ci: BootstrapCI | None, digits: int = 3) -> str:
+    """``[low, high]`` of an interval, '-' without one."""
+    if ci is None or math.isnan(ci.low):
+        return "-"
+    return f"[{ci.low:.{digits}f}, {ci.high:.{digits}f}]"
+
+
+def _ci_section(doc: Doc, run_dir: Path, group_names: Sequence[str], train_counts: Sequence[int]) -> None:
+    cis = accuracy_cis(run_dir / "predictions.csv", group_names, train_counts)
+    if not cis:
+        return
+    doc.heading("Test accuracies with 95% bootstrap intervals")
+    doc.table(["accuracy", "n images", "value", "95% CI"],
+              [[k, cis[k].n, cis[k].estimate, fmt_ci(cis[k])] for k in cis])
+    doc.para(CI_NOTE, note=True)
+
+
 def _info_rows(info: dict[str, Any]) -> list[list[Any]]:
     return [[k, v] for k, v in info.items() if isinstance(v, (int, float, str, bool)) or v is None]
 
@@ -119,6 +235,9 @@ def write_report(run_dir: Path, metrics: dict[str, Any], info: dict[str, Any], g
     doc.heading("Per-group accuracy (selected model)")
     doc.table(*_group_rows(metrics, group_names, train_counts))
     doc.image(plot, "per-group test accuracy")
-    doc.heading("Run")
+    _ci_section(doc, run_dir, group_names, train_counts)
+    scored = "predictions" in info  # groupdistil evaluate: predictions made elsewhere
+    doc.heading("Scored predictions" if scored else "Run")
     doc.table(["key", "value"], _info_rows(info))
-    doc.write(run_dir, f"Waterbirds: {info.get('method', 'run')} (seed {info.get('seed', '-')})")
+    title = "scored predictions" if scored else f"{info.get('method', 'run')} (seed {info.get('seed', '-')})"
+    doc.write(run_dir, f"Waterbirds: {title}")

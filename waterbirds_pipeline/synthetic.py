@@ -31,7 +31,22 @@ evaluated on its balanced test split):
   steps: the background is learned first and the minority groups fail, as in the real Waterbirds.
 - at 32 px the core is harder (balanced training about 0.82-0.84 after 300 steps, 0.24 s per step).
 
-Usage: ``python -m waterbirds_pipeline.synthetic --out DIR [--seed N] [--scale 0.2]``.
+The pretraining corpus (``corpus="pretrain"``; ``groupdistil synth waterbirds --option corpus=pretrain``): the
+offline stand-in for ImageNet pretraining, written in the same layout so that the pipeline trains on it unchanged:
+
+- objects: one filled shape per image out of ``len(SHAPES)`` (14) shape classes (regular polygons, stars, circle,
+  ellipse, cross, arrow, L, T, ...), each with a random colour, a dark outline, any rotation, a random stretch
+  (aspect up to 1.6 either way, so elongation carries no class information) and a size of 40-80% of the image.
+  No bird is drawn: nothing of the downstream task's core feature is a label here.
+- label: ``y`` = shape class mod 2 (7 classes each), so the task needs telling 14 shapes apart; the shape class is
+  the image's folder (``001.Triangle``) and the extra column ``shape`` of ``metadata.csv`` (readers ignore it).
+- backgrounds: six styles, three per ``place`` value (0: land foliage, checkerboard, smooth colour noise; 1: water
+  waves, stripes at any angle, gradient), the downstream task's land and water among them.
+- balance: every split has the same number of images per group ``2 * y + place`` (``y`` and ``place`` independent,
+  and the style and the shape class uniform within them), about ``scale`` times the size of the Waterbirds splits
+  (train ``sum(REAL_TRAIN) / 4``, val ``sum(REAL_VAL) / 4``, test twice val per group, times ``scale``).
+
+Usage: ``python -m waterbirds_pipeline.synthetic --out DIR [--seed N] [--scale 0.2] [--corpus pretrain]``.
 """
 from __future__ import annotations
 
@@ -227,16 +242,136 @@ def render(rng: np.random.Generator, y: int, place: int, palette: int, size_rang
     return buf.getvalue()
 
 
+# --- the pretraining corpus -------------------------------------------------------------------------------------
+def _regular(n: int, star: float = 1.0) -> np.ndarray:
+    """A regular ``n``-gon (``star`` < 1: an ``n``-pointed star, inner radius ``star``), unit outer radius."""
+    k = 2 * n if star < 1 else n
+    t = np.pi / 2 + 2 * np.pi * np.arange(k) / k
+    r = np.where(np.arange(k) % 2 == 1, star, 1.0) if star < 1 else np.ones(k)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _outline(*points: tuple[float, float]) -> np.ndarray:
+    return np.asarray(points, dtype=np.float64)
+
+
+SHAPES: dict[str, np.ndarray] = {  # class name -> polygon around the origin, about unit size (y = index % 2)
+    "Triangle": _regular(3), "Square": _regular(4), "Pentagon": _regular(5), "Hexagon": _regular(6),
+    "Octagon": _regular(8), "Star4": _regular(4, 0.4), "Star5": _regular(5, 0.45), "Star6": _regular(6, 0.55),
+    "Circle": _ellipse(0, 0, 1, 1, n=40), "HalfDisc": np.concatenate([_ellipse(0, 0, 1, 1, n=40)[:21], [(0, 0)]]),
+    "Cross": _outline((-.3, -1), (.3, -1), (.3, -.3), (1, -.3), (1, .3), (.3, .3), (.3, 1), (-.3, 1), (-.3, .3),
+                      (-1, .3), (-1, -.3), (-.3, -.3)),
+    "Arrow": _outline((-1, -.25), (.2, -.25), (.2, -.7), (1, 0), (.2, .7), (.2, .25), (-1, .25)),
+    "LShape": _outline((-.8, -1), (.8, -1), (.8, -.45), (-.25, -.45), (-.25, 1), (-.8, 1)),
+    "TShape": _outline((-1, 1), (1, 1), (1, .45), (.28, .45), (.28, -1), (-.28, -1), (-.28, .45), (-1, .45)),
+}
+SHAPE_NAMES = tuple(SHAPES)
+SHAPE_FILL = (0.4, 0.8)  # the shape's bounding box, as a fraction of the image (its tighter side)
+STYLES = (("foliage", "checkerboard", "colour_noise"), ("waves", "stripes", "gradient"))  # by place
+
+
+def _styled_background(rng: np.random.Generator, h: int, w: int, place: int, style: int) -> np.ndarray:
+    """Float ``(h, w, 3)`` in [0, 1] of background style ``STYLES[place][style]``."""
+    name = STYLES[place][style]
+    if name in ("foliage", "waves"):
+        return _background(rng, h, w, place)
+    a, b = rng.uniform(0.05, 0.95, 3), rng.uniform(0.05, 0.95, 3)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    along = xx * math.cos(angle) + yy * math.sin(angle)
+    if name == "checkerboard":
+        cell = rng.uniform(4, 16)
+        t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float32)
+    elif name == "colour_noise":
+        t = _smooth_noise(rng, h, w, int(rng.integers(3, 12)))
+    elif name == "stripes":
+        t = 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * along / rng.uniform(4, 16)))
+    else:  # gradient
+        t = (along - along.min()) / max(float(np.ptp(along)), 1e-6)
+    return a + t[..., None] * (b - a)
+
+
+def render_shape(rng: np.random.Generator, shape: int, place: int, style: int,
+                 size_range: tuple[int, int]) -> bytes:
+    """JPEG bytes of one corpus image: shape class ``shape`` on a background of ``STYLES[place][style]``."""
+    long_side = int(rng.integers(size_range[0], size_range[1] + 1))
+    w, h = long_side, round(long_side * rng.uniform(0.75, 1.0))
+    if rng.random() < 0.5:
+        w, h = h, w
+    img = Image.fromarray((np.clip(_styled_background(rng, h, w, place, style), 0, 1) * 255).astype(np.uint8))
+    stretch = rng.uniform(1.0, 1.6)
+    pts = SHAPES[SHAPE_NAMES[shape]] * ((stretch, 1 / stretch) if rng.random() < 0.5 else (1 / stretch, stretch))
+    angle = rng.uniform(0, 2 * np.pi)
+    c, s_ = math.cos(angle), math.sin(angle)
+    pts = pts @ np.array([[c, s_], [-s_, c]])
+    lo, hi = pts.min(0), pts.max(0)
+    unit = rng.uniform(*SHAPE_FILL) / max((hi - lo) / (w, h))
+    pts, lo, hi = pts * unit, lo * unit, hi * unit
+    pts = pts + rng.uniform(0, 1, 2) * (np.array([w, h]) - (hi - lo)) - lo
+    colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+    ImageDraw.Draw(img).polygon([tuple(q) for q in pts], fill=colour, outline=(20, 20, 20),
+                                width=max(1, round(0.04 * min(w, h))))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(2, 8), (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(75, 96)))
+    return buf.getvalue()
+
+
+def corpus_counts(scale: float, min_per_group: int = 4) -> dict[str, list[int]]:
+    """Images per group of each split of the pretraining corpus: the same number for every group."""
+    per = {"train": sum(REAL_TRAIN) / 4, "val": sum(REAL_VAL) / 4, "test": TEST_OVER_VAL * sum(REAL_VAL) / 4}
+    return {split: [max(min_per_group, round(n * scale))] * 4 for split, n in per.items()}
+
+
+def _write_metadata(out: Path, rows: list[tuple], extra: tuple[str, ...] = ()) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS + extra)
+    writer.writerows(rows)
+    atomic_write_text(out / METADATA, buf.getvalue())
+
+
+def synthesize_corpus(out: Path, seed: int = 0, scale: float = 0.2, min_size: int = 96, max_size: int = 192,
+                      min_per_group: int = 4) -> Path:
+    """Write the balanced pretraining corpus (see the module docstring) into ``out``; return ``out``."""
+    counts = corpus_counts(scale, min_per_group)
+    specs = [(split, g, i) for split in SPLITS for g, n in enumerate(counts[split]) for i in range(n)]
+    order = np.random.default_rng([seed, 2]).permutation(len(specs))
+    per_y = len(SHAPE_NAMES) // 2
+    rows = []
+    for img_id, k in enumerate(order, start=1):
+        split, g, i = specs[k]
+        y, place = divmod(g, 2)
+        rng = np.random.default_rng([seed, 3, img_id])
+        shape = 2 * (i % per_y) + y  # the classes of y in turn: balanced within every group
+        style = int(rng.integers(len(STYLES[place])))
+        folder = f"{shape + 1:03d}.{SHAPE_NAMES[shape]}"
+        filename = f"{folder}/{SHAPE_NAMES[shape]}_{img_id:05d}.jpg"
+        atomic_write_bytes(out / filename, render_shape(rng, shape, place, style, (min_size, max_size)))
+        rows.append((img_id, filename, y, SPLITS.index(split), place, f"/{STYLES[place][style]}/{img_id:08d}.jpg",
+                     shape))
+    _write_metadata(out, rows, ("shape",))
+    return out
+
+
 # --- the dataset ----------------------------------------------------------------------------------------------
+CORPORA = ("waterbirds", "pretrain")
+
+
 def synthesize(out: Path, seed: int = 0, scale: float = 0.2, min_size: int = 96, max_size: int = 192,
-               min_per_group: int = 4) -> Path:
+               min_per_group: int = 4, corpus: str = "waterbirds") -> Path:
     """Write the synthetic dataset into ``out`` (``metadata.csv`` last, so a partial run has none); return ``out``.
 
     Deterministic given ``seed`` and the options; ``scale`` 0.2 gives about 960 train, 240 val and 480 test images.
+    ``corpus="pretrain"`` writes the balanced pretraining corpus instead (:func:`synthesize_corpus`).
     """
     if scale <= 0 or not 8 <= min_size <= max_size or min_per_group < 1:
         raise UserError("synthesize needs scale > 0, 8 <= min_size <= max_size and min_per_group >= 1")
+    if corpus not in CORPORA:
+        raise UserError(f"unknown Waterbirds synthesis corpus '{corpus}'; valid: {', '.join(CORPORA)}")
     out = Path(out)
+    if corpus == "pretrain":
+        return synthesize_corpus(out, seed, scale, min_size, max_size, min_per_group)
     counts = group_counts(scale, min_per_group)
     specs = [(split, g) for split in SPLITS for g, n in enumerate(counts[split]) for _ in range(n)]
     order = np.random.default_rng([seed, 0]).permutation(len(specs))
@@ -251,11 +386,7 @@ def synthesize(out: Path, seed: int = 0, scale: float = 0.2, min_size: int = 96,
         atomic_write_bytes(out / filename, render(rng, y, place, palette, (min_size, max_size)))
         place_file = f"/{PLACE_NAMES[place][0]}/{PLACE_NAMES[place]}/{img_id:08d}.jpg"
         rows.append((img_id, filename, y, SPLITS.index(split), place, place_file))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(COLUMNS)
-    writer.writerows(rows)
-    atomic_write_text(out / METADATA, buf.getvalue())
+    _write_metadata(out, rows)
     return out
 
 
@@ -266,9 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=0.2, help="fraction of the real train/val group counts")
     parser.add_argument("--min-size", type=int, default=96)
     parser.add_argument("--max-size", type=int, default=192)
+    parser.add_argument("--corpus", choices=CORPORA, default="waterbirds")
     args = parser.parse_args(argv)
-    synthesize(args.out, args.seed, args.scale, args.min_size, args.max_size)
-    counts = group_counts(args.scale)
+    synthesize(args.out, args.seed, args.scale, args.min_size, args.max_size, corpus=args.corpus)
+    counts = (corpus_counts if args.corpus == "pretrain" else group_counts)(args.scale)
     print(f"wrote {sum(map(sum, counts.values()))} images to {args.out}: "
           + "; ".join(f"{s} {dict(zip(GROUP_NAMES, counts[s]))}" for s in SPLITS))
 

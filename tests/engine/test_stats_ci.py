@@ -119,12 +119,15 @@ def test_compare_writes_bootstrap_rows_and_holm(tmp_path):
     from groupdistil.experiments import run_comparison
 
     torch.set_num_threads(1)
-    report = run_comparison(write_experiment(tmp_path), tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+    exp = write_experiment(tmp_path, methods=["erm", "groupdro"], teacher_config="", seeds=[0, 1, 2],
+                           pairs=[["groupdro", "erm"]], set={"method_args.eta": 2.0, "train.lr": 0.2})
+    report = run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
     out = tmp_path / "out"
     with open(out / "paired_tests.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert "p_holm" in rows[0]
     tested = [r for r in rows if r["p"] != ""]
+    assert len(tested) == 3  # t-tests (worst, average) and Wilcoxon: one Holm family
     assert_allclose([float(r["p_holm"]) for r in tested], holm([float(r["p"]) for r in tested]))
     boot = [r for r in rows if r["test"] == "paired bootstrap (cases)"]
     assert boot[0]["metric"] == "worst_group_metric" and len(boot) == 2
@@ -132,7 +135,7 @@ def test_compare_writes_bootstrap_rows_and_holm(tmp_path):
     # the worst-group estimate by hand: each case's score averaged over the two seeds, then min over group means
     def group_means(method):
         cases = {}
-        for seed in (0, 1):
+        for seed in (0, 1, 2):
             for cid, g, s in json.loads((out / "runs" / f"{method}__seed={seed}" / "cases.json").read_text()):
                 cases.setdefault((cid, g), []).append(s)
         groups = {}
@@ -140,8 +143,8 @@ def test_compare_writes_bootstrap_rows_and_holm(tmp_path):
             groups.setdefault(g, []).append(np.mean(s))
         return {g: np.mean(v) for g, v in groups.items()}
 
-    gd, kd = group_means("groupdistil"), group_means("kd")
-    assert_allclose(float(boot[0]["mean_diff"]), min(gd.values()) - min(kd.values()))
+    dro, erm = group_means("groupdro"), group_means("erm")
+    assert_allclose(float(boot[0]["mean_diff"]), min(dro.values()) - min(erm.values()))
     assert float(boot[0]["ci95_low"]) <= float(boot[0]["ci95_high"])
     page = report.read_text()
     assert "p (Holm)" in page and "paired bootstrap (cases)" in page and "Paired bootstrap (cases): A" in page
