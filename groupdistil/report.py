@@ -124,3 +124,13 @@ class Doc:
         md_body = "\n\n".join(self.md).strip()
         atomic_write_text(run_dir / f"{stem}.md", f"# {title}\n\n{md_body}\n")
         atomic_write_text(run_dir / f"{stem}.html", html_page(title, "\n".join(self.html)))
+
+
+def timing_note(machine: Any) -> str:
+    """One sentence under a report's timings: the threads, cores and load they were measured with (indicative)."""
+    if not isinstance(machine, dict):
+        return ""
+    return (f"Timings are indicative: measured with {machine.get('torch_threads', '?')} torch thread(s) on "
+            f"{machine.get('cpu_cores', '?')} core(s), load average {machine.get('load_average_at_start', '?')} "
+            f"when training started and {machine.get('load_average_at_end', '?')} at the end; other work on the "
+            f"machine slows them.")

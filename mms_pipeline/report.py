@@ -35,7 +35,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from groupdistil.io import atomic_write_bytes
-from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure
+from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
@@ -358,6 +358,8 @@ def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
                      fmt(info.get("teacher_infer_seconds_per_case"), 4)])
     doc.heading("Model size and speed")
     doc.table(["model", "parameters", "inference s / volume"], rows)
+    if info.get("machine"):
+        doc.para(timing_note(info["machine"]))
 
 
 def _selection_section(doc: Doc, metrics: Mapping[str, Any]) -> None:

@@ -60,6 +60,9 @@ def test_run_contract_and_eg_identity_via_cli(wb_root, wb_teacher, tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["seed"] == 3 and cfg["groups"][0] == "landbird_land" and cfg["method"] == "groupdistil"
     assert (out / "report.html").exists() and (out / "predictions.csv").exists()
+    machine = json.loads((out / "timing.json").read_text())["machine"]
+    assert machine["torch_threads"] >= 1 and machine["cpu_cores"] >= 1 and "indicative" in machine["note"]
+    assert "Timings are indicative: measured with" in (out / "report.md").read_text()
 
 
 def test_sigkill_mid_training_then_rerun_gives_the_uninterrupted_metrics(wb_root, wb_teacher, tmp_path):

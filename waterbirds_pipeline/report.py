@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from groupdistil.errors import UserError
 from groupdistil.io import atomic_write_text
-from groupdistil.report import Doc, fmt, save_figure
+from groupdistil.report import Doc, fmt, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, BootstrapCI, bootstrap_group_means
 
 from .metadata import CLASS_NAMES, METADATA, SPLITS, Metadata
@@ -239,5 +239,7 @@ def write_report(run_dir: Path, metrics: dict[str, Any], info: dict[str, Any], g
     scored = "predictions" in info  # groupdistil evaluate: predictions made elsewhere
     doc.heading("Scored predictions" if scored else "Run")
     doc.table(["key", "value"], _info_rows(info))
+    if info.get("machine"):
+        doc.para(timing_note(info["machine"]))
     title = "scored predictions" if scored else f"{info.get('method', 'run')} (seed {info.get('seed', '-')})"
     doc.write(run_dir, f"Waterbirds: {title}")
