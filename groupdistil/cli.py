@@ -10,19 +10,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import parse_set, resolve_config
+from .config import parse_set, read_text
 from .errors import UserError
-from .pipeline import get_pipeline, synthesize_data
+from .rundir import finished_with, record_request, request_key, tree_signature
+
+
+def run_request_key(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
+    """What a ``run`` asks for, from the files' stat and content, without importing torch or a pipeline: the config
+    file, the overrides, the teacher checkpoint and every file under the data root (size and modification time)."""
+    teacher = None
+    if args.teacher:
+        t = Path(args.teacher)
+        t = t / "checkpoints" / "best.pt" if t.is_dir() else t
+        teacher = tree_signature(t) if t.is_file() else str(t)
+    return request_key({"command": "run", "config": read_text(Path(args.config)), "overrides": overrides,
+                        "teacher": teacher, "data": tree_signature(Path(args.data_root))})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .runtime import setup_process
-    from .trainer import Trainer
-
     overrides = parse_set(args.set or [])
     for key, value in (("method", args.method), ("seed", args.seed)):
         if value is not None:
@@ -30,21 +40,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     for key, value in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every)):
         if value is not None:
             overrides.setdefault("train", {})[key] = value
+    out, data_root = Path(args.out), Path(args.data_root)
+    key = run_request_key(args, overrides) if data_root.exists() and Path(args.config).is_file() else None
+    if key and not args.force and finished_with(out, key, "metrics.json"):
+        print(f"{out}: already finished (metrics.json exists; same config, teacher and data files); nothing to do",
+              file=sys.stderr)
+        return 0
+    from .config import resolve_config
+    from .pipeline import get_pipeline
+    from .runtime import setup_process
+    from .trainer import Trainer
+
     notes: list[str] = []
     cfg = resolve_config(args.config, overrides, notes=notes)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    data_root = Path(args.data_root)
     if not data_root.exists():
         raise UserError(f"{data_root}: data root does not exist (make a synthetic one with "
                         f"'groupdistil synth {cfg['pipeline']} --out {data_root}')")
     setup_process(cfg["train"])
-    trainer = Trainer(cfg, get_pipeline(cfg["pipeline"]), data_root, Path(args.out), args.teacher, args.force)
-    trainer.run()
+    Trainer(cfg, get_pipeline(cfg["pipeline"]), data_root, out, args.teacher, args.force).run()
+    if key and (out / "metrics.json").is_file():
+        record_request(out, key)
     return 0
 
 
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose module is imported only when it runs (``groupdistil --help`` and finished-run checks stay
+    free of torch)."""
+
+    def call(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module, __package__), name)(args)
+
+    return call
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
+    from .pipeline import get_pipeline, synthesize_data
+
     options = parse_set(args.option or [])
     synthesize_data(get_pipeline(args.pipeline), Path(args.out), args.seed, options, force=args.force)
     print(f"wrote synthetic {args.pipeline} data to {args.out}", file=sys.stderr)
@@ -82,30 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     s.set_defaults(func=cmd_synth)
 
-    for extra in _extra_commands:
-        extra(sub)
+    c = sub.add_parser("compare", help="run a grid of methods x seeds (x parameter values) and a statistical report")
+    c.add_argument("experiment", help="experiment YAML (see 'groupdistil.experiments.schema' docs for the keys)")
+    c.add_argument("--data-root", required=True, help="dataset folder (or the parent of data-sweep levels)")
+    c.add_argument("--out", required=True, help="comparison folder (rerun the same command to continue)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    c.set_defaults(func=_lazy(".experiments.cli", "cmd_compare"))
+
+    e = sub.add_parser("export", help="export the selected student of a run (TorchScript or ONNX)")
+    e.add_argument("run_dir")
+    e.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    e.set_defaults(func=_lazy(".export", "cmd_export"))
+
+    v = sub.add_parser("evaluate", help="score predictions made elsewhere (per-case files, metrics.json, report)")
+    v.add_argument("--pred", required=True,
+                   help="M&Ms: folder of label maps (<code>_sa_ED.nii.gz / _ES, or nnU-Net's "
+                        "<code>_frame<NN>.nii.gz); Waterbirds: CSV with img_id, prediction")
+    v.add_argument("--data-root", required=True, help="dataset folder in the real release's layout (with the truth)")
+    v.add_argument("--out", required=True, help="output folder (new, empty, or an earlier evaluation's)")
+    v.add_argument("--split", default="test", choices=["val", "test"], help="the split the predictions are of")
+    v.add_argument("--config", help="run config (configs/*.yaml or a run's config.yaml) giving the data settings")
+    v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    v.set_defaults(func=_lazy(".evaluate", "cmd_evaluate"))
     return p
-
-
-def _add_export(sub: Any) -> None:
-    from .export import add_parser
-
-    add_parser(sub)
-
-
-def _add_compare(sub: Any) -> None:
-    from .experiments.cli import add_parser
-
-    add_parser(sub)
-
-
-def _add_evaluate(sub: Any) -> None:
-    from .evaluate import add_parser
-
-    add_parser(sub)
-
-
-_extra_commands: list[Callable[[Any], None]] = [_add_compare, _add_export, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

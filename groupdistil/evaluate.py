@@ -131,17 +131,3 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"scored {args.pred} ({args.split}): worst group {ev.get('worst_group')} {ev['worst_group_metric']:.4f}, "
           f"average {ev['average_metric']:.4f}; report: {Path(args.out) / 'report.html'}")
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Add the ``evaluate`` subcommand to the CLI's subparsers."""
-    e = sub.add_parser("evaluate", help="score predictions made elsewhere (per-case files, metrics.json, report)")
-    e.add_argument("--pred", required=True,
-                   help="M&Ms: folder of label maps (<code>_sa_ED.nii.gz / _ES, or nnU-Net's "
-                        "<code>_frame<NN>.nii.gz); Waterbirds: CSV with img_id, prediction")
-    e.add_argument("--data-root", required=True, help="dataset folder in the real release's layout (with the truth)")
-    e.add_argument("--out", required=True, help="output folder (new, empty, or an earlier evaluation's)")
-    e.add_argument("--split", default="test", choices=list(SPLITS), help="the split the predictions are of")
-    e.add_argument("--config", help="run config (configs/*.yaml or a run's config.yaml) giving the data settings")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    e.set_defaults(func=cmd_evaluate)

@@ -74,14 +74,6 @@ def export(run_dir: Path, fmt: str) -> Path:
     return path
 
 
-def add_parser(sub: Any) -> None:
-    e = sub.add_parser("export", help="export the selected student of a run (TorchScript or ONNX)")
-    e.add_argument("run_dir")
-    e.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    e.set_defaults(func=cmd_export)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     path = export(Path(args.run_dir), args.format)
     print(f"exported {path} (see export.json beside it for inputs, outputs and preprocessing)")

@@ -14,8 +14,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 TMP_MARK = ".gdtmp"  # in the name of every temporary file (see rundir.remove_orphan_temporaries)
 
 
@@ -68,13 +66,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
     if hasattr(o, "tolist"):
         return o.tolist()
     if isinstance(o, Path):

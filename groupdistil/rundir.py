@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -125,3 +126,50 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
     else:
         path.unlink()
+
+
+# --- recognising finished work without starting it: a key of what was asked, checked before any heavy import ----
+REQUEST_NAME = ".request.json"
+
+
+def tree_signature(root: Path) -> str:
+    """A hash of the relative path, size and modification time of every file under ``root`` (a stat, no reads)."""
+    h = hashlib.sha256()
+    root = Path(root)
+    if root.is_file():
+        st = root.stat()
+        h.update(f"{root.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            h.update(f"{p.relative_to(root).as_posix()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def request_key(parts: dict) -> str:
+    """The key of a request: ``parts`` (JSON-able: file contents as hashes, options, tree signatures) and the
+    package version, so that new code never takes an old key for its own."""
+    from . import __version__
+
+    blob = json.dumps({"version": __version__, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def finished_with(folder: Path, key: str, marker: str) -> bool:
+    """True when ``folder`` holds ``marker`` (the file a finished run or comparison writes last) and the request
+    that finished it had this ``key``."""
+    folder = Path(folder)
+    try:
+        return (folder / marker).is_file() and json.loads((folder / REQUEST_NAME).read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def record_request(folder: Path, key: str) -> None:
+    atomic_write_text(Path(folder) / REQUEST_NAME, json.dumps({"key": key}) + "\n")

@@ -40,7 +40,7 @@ from .teacher import Teacher
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
-                  "report.md", "report.html", "export", "groups_inferred.csv")
+                  "report.md", "report.html", "export", "groups_inferred.csv", ".request.json")
 
 
 def seed_everything(seed: int) -> None:

@@ -301,3 +301,24 @@ def test_changed_image_content_is_detected(wb_root, tmp_path, capsys):
     img.write_bytes(bytes(raw))
     code, err = run_main(capsys, *base)
     assert code == 2 and "made with other settings (the data (content fingerprint):" in err, err
+
+
+def test_a_finished_run_is_recognised_without_importing_torch(wb_root, tmp_path):
+    """The rerun of a finished run checks the request (config, overrides, teacher and data files by stat) before
+    importing torch or a pipeline; a touched data file sends it through the full check again."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(wb_root, root)
+    out = tmp_path / "r"
+    args = ["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(root), "--out", str(out),
+            *TINY, "--max-steps", "2"]
+    assert main(args) == 0 and (out / ".request.json").is_file()
+    code = ("import sys; from groupdistil.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.stdout.split() == ["NO-TORCH", "0"] and "already finished" in r.stderr, (r.stdout, r.stderr)
+    img = sorted(root.rglob("*.jpg"))[0]
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # same bytes, new time
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.stdout.split() == ["TORCH", "0"] and "already finished" in r.stderr, (r.stdout, r.stderr)

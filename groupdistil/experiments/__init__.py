@@ -24,6 +24,13 @@ teacher run's config hash and step), not by its path, so a moved or copied OUT k
 see :mod:`groupdistil.stats` (std over seeds is the sample std; paired t-test across seeds; Wilcoxon across cases of
 B's worst group, each case averaged over the seeds, when the pipeline's ``case_scores`` gives per-case scores).
 """
-from .run import run_comparison
+
+
+def __getattr__(name: str):  # run_comparison without importing torch when the package is only looked at
+    if name == "run_comparison":
+        from .run import run_comparison
+
+        return run_comparison
+    raise AttributeError(name)
 
 __all__ = ["run_comparison"]

@@ -1,22 +1,41 @@
-"""The ``groupdistil compare`` subcommand (added to the command line by :mod:`groupdistil.cli`)."""
+"""The ``groupdistil compare`` subcommand (its arguments are declared in :mod:`groupdistil.cli`).
+
+A comparison finished with the same experiment file, run configs and data files is recognised from their content
+and stat (:func:`groupdistil.rundir.request_key`) before torch or a pipeline is imported.
+"""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from pathlib import Path
 
-from .run import run_comparison
+from ..config import load_yaml, read_text
+from ..rundir import finished_with, record_request, request_key, tree_signature
+
+
+def compare_request_key(args: argparse.Namespace) -> str | None:
+    """What a ``compare`` asks for: the experiment file, the run configs it names, the data root's files."""
+    exp = Path(args.experiment)
+    if not exp.is_file():
+        return None
+    raw = load_yaml(exp)
+    configs = {k: read_text(Path(raw[k])) for k in ("student_config", "teacher_config")
+               if isinstance(raw.get(k), str) and raw[k] and Path(raw[k]).is_file()}
+    data = Path(args.data_root)
+    return request_key({"command": "compare", "experiment": read_text(exp), "configs": configs,
+                        "data": tree_signature(data) if data.exists() else None})
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    key = compare_request_key(args)
+    if key and finished_with(out, key, "report.html"):
+        print(f"[compare] {out}: every run finished and the report is written (same experiment, configs and data "
+              f"files); report: {out / 'report.html'}", file=sys.stderr)
+        return 0
+    from .run import run_comparison
+
     run_comparison(args.experiment, args.data_root, args.out)
+    if key:
+        record_request(out, key)
     return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Add the ``compare`` subcommand to the CLI's subparsers."""
-    c = sub.add_parser("compare", help="run a grid of methods x seeds (x parameter values) and a statistical report")
-    c.add_argument("experiment", help="experiment YAML (see 'groupdistil.experiments.schema' docs for the keys)")
-    c.add_argument("--data-root", required=True, help="dataset folder (or the parent of data-sweep levels)")
-    c.add_argument("--out", required=True, help="comparison folder (rerun the same command to continue)")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    c.set_defaults(func=cmd_compare)

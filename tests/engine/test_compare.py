@@ -11,7 +11,7 @@ from numpy.testing import assert_allclose
 from toy_pipeline import ToyPipeline
 
 from groupdistil.errors import UserError
-from groupdistil.experiments import cli, plan, report, run_comparison, schema
+from groupdistil.experiments import plan, report, run_comparison, schema
 from groupdistil.io import atomic_write_json
 from groupdistil.stats import mean_std, pair_cases, paired_t, wilcoxon_paired
 from groupdistil.trainer import Trainer
@@ -232,16 +232,15 @@ def test_unknown_synthesis_option_is_an_error(tmp_path, monkeypatch):
 
 
 def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
-    import argparse
-
     from groupdistil.experiments import run as run_module
 
     torch.set_num_threads(1)
     monkeypatch.setattr(run_module, "get_pipeline", {"toy": ToyPipeline}.__getitem__)
-    p = argparse.ArgumentParser()
-    cli.add_parser(p.add_subparsers(dest="command"))
+    from groupdistil.cli import build_parser
+
     exp = write_experiment(tmp_path, methods=["erm"], seeds=[0], teacher_config="")
-    args = p.parse_args(["compare", str(exp), "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o")])
+    argv = ["compare", str(exp), "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+    args = build_parser().parse_args(argv)
     assert args.func(args) == 0
     assert [r["run_dir"] for r in read_csv(tmp_path / "o" / "runs.csv")] == ["runs/erm__seed=0"]
     assert "Paired comparisons" not in (tmp_path / "o" / "report.md").read_text()
