@@ -57,6 +57,7 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
         "channels_last": True,  # on CUDA
         "selection": "worst_group",  # model selection on validation: worst_group | average (needs no group labels)
+        "tensorboard": False,  # TensorBoard event files in RUN_DIR/tensorboard (pip install -e '.[tracking]')
         "teacher_cache": "auto",  # auto: cache teacher outputs when training inputs are deterministic | off
     },
 }

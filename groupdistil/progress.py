@@ -26,8 +26,8 @@ def log(msg: str) -> None:
 class StepLogger:
     """Buffers per-step tensors on the device and writes them to ``train_log.jsonl`` in one host sync per flush."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, tracker: "Tracker | None" = None) -> None:
+        self.path, self.enabled, self.tracker = path, enabled, tracker
         self.buffer: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.last: dict[str, Any] = {}
 
@@ -59,6 +59,9 @@ class StepLogger:
                 fh.writelines(json.dumps(r) + "\n" for r in good)
                 fh.flush()
                 os.fsync(fh.fileno())
+            if self.tracker is not None:  # the same host values: no further device synchronisation
+                for r in good:
+                    self.tracker.train_record(r)
         if bad is not None:
             raise UserError(f"non-finite loss ({bad['loss']}) at step {bad['step']}; training stopped, the last "
                             f"good checkpoint is kept (lower train.lr or check the data)")
@@ -92,3 +95,55 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Tracker:
+    """TensorBoard event files in ``RUN_DIR/tensorboard`` (``train.tensorboard: true``; the ``tracking`` extra).
+
+    Tags: ``train/<key>`` for every logged scalar (``train/loss``, ``train/seg/dice``, ...), ``train/<key>/<group>``
+    for the per-group vectors (``group_loss``, ``group_count``, ``group_signal``, ``group_weight``),
+    ``val/worst_group_metric``, ``val/average_metric``, ``val/group_metric/<group>``, and the report's PNG figures
+    as images. ``train_log.jsonl`` and ``eval_log.jsonl`` stay the source of truth; a resumed run purges the events
+    after its checkpoint's step.
+    """
+
+    def __init__(self, folder: Path, group_names: list[str], start_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.groups = group_names
+        self.writer = SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+    def train_record(self, rec: dict[str, Any]) -> None:
+        step = rec["step"]
+        for k, v in rec.items():
+            if k == "step":
+                continue
+            if isinstance(v, list):
+                for g, x in zip(self.groups, v):
+                    self.writer.add_scalar(f"train/{k}/{g}", x, step)
+            else:
+                self.writer.add_scalar(f"train/{k}", v, step)
+
+    def validation(self, step: int, metrics: dict[str, Any]) -> None:
+        for k in ("worst_group_metric", "average_metric"):
+            self.writer.add_scalar(f"val/{k}", float(metrics[k]), step)
+        for g, v in (metrics.get("group_metric") or {}).items():
+            self.writer.add_scalar(f"val/group_metric/{g}", float(v), step)
+        self.writer.flush()
+
+    def figures(self, folder: Path, step: int) -> None:
+        import numpy as np
+        from PIL import Image
+
+        for png in sorted(Path(folder).glob("*.png")):
+            with Image.open(png) as im:
+                self.writer.add_image(f"report/{png.stem}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tracking_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None

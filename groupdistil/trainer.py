@@ -32,7 +32,7 @@ from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
 from .pipeline import Pipeline
-from .progress import Progress, StepLogger, log
+from .progress import Progress, StepLogger, Tracker, log, tracking_available
 from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
 from .runtime import Runtime, count_params, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
@@ -40,7 +40,7 @@ from .teacher import Teacher
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
-                  "report.md", "report.html", "export", "groups_inferred.csv", ".request.json")
+                  "report.md", "report.html", "export", "groups_inferred.csv", ".request.json", "tensorboard")
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +95,9 @@ class Trainer:
             log(f"note: group(s) {', '.join(unseen)} have no training samples: their weight is 0 throughout (out of "
                 f"the simplex; the trained groups' weights sum to 1); they are evaluated and reported as unseen")
         self.runtime = Runtime.for_run(self.t, self.device)
+        if self.t["tensorboard"] and not tracking_available():
+            raise UserError("train.tensorboard: true needs the tensorboard package: pip install -e '.[tracking]'")
+        self.tracker: Tracker | None = None
         # the teacher is identified by what it is (its run's config hash and the selected step), not where it sits,
         # so a comparison folder can be moved or copied and its finished runs are still recognised
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
@@ -320,16 +323,22 @@ class Trainer:
         m = self.pipeline.evaluate(self.runtime.predictor(self.student), "val")  # every rank: evaluation is sharded
         if self.main:
             score = float(m["worst_group_metric" if self.t["selection"] == "worst_group" else "average_metric"])
-            rec = {"step": step, "worst_group_metric": score, "average_metric": float(m["average_metric"])}
+            rec = {"step": step, "worst_group_metric": float(m["worst_group_metric"]),
+                   "average_metric": float(m["average_metric"]),
+                   "group_metric": {g: float(v) for g, v in m["group_metric"].items()}}
+            if self.tracker is not None:
+                self.tracker.validation(step, rec)
             with open(self.run_dir / "eval_log.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-            if self.best is None or score > self.best["worst_group_metric"]:
-                self.best = rec
+            if self.best is None or score > self.best["score"]:
+                self.best = {"step": step, "score": score, "worst_group_metric": rec["worst_group_metric"],
+                             "average_metric": rec["average_metric"]}
                 atomic_torch_save({"format": CKPT_FORMAT, "run_hash": self.run_hash, "step": step,
                                    "config": self.cfg, "model": self.student.state_dict(), "val": rec},
                                   self.run_dir / "checkpoints" / "best.pt")
-            log(f"validation at step {step}: worst-group {score:.4f} average {rec['average_metric']:.4f} "
-                f"(best {self.best['worst_group_metric']:.4f} at step {self.best['step']})")
+            log(f"validation at step {step}: worst-group {rec['worst_group_metric']:.4f} average "
+                f"{rec['average_metric']:.4f} (best {self.t['selection'].replace('_', '-')} {self.best['score']:.4f} "
+                f"at step {self.best['step']})")
         dist_utils.barrier()
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -354,10 +363,11 @@ class Trainer:
 
     def train(self, status: str, t_start: float) -> dict[str, Any] | None:
         self.best: dict[str, Any] | None = None
-        logger = StepLogger(self.run_dir / "train_log.jsonl", self.main)
-        start = 0
+        start = self.resume() if status == "resume" else 0
+        if self.t["tensorboard"] and self.main:
+            self.tracker = Tracker(self.run_dir / "tensorboard", self.train_group_names, start)
+        logger = StepLogger(self.run_dir / "train_log.jsonl", self.main, self.tracker)
         if status == "resume":
-            start = self.resume()
             if self.main:
                 for name in ("train_log.jsonl", "eval_log.jsonl"):
                     truncate_jsonl(self.run_dir / name, start)
@@ -428,6 +438,9 @@ class Trainer:
                                                              "teacher_params": info["teacher_params"]})
             info["machine"] = timing["machine"]
             self.pipeline.write_report(self.run_dir, metrics, info)
+            if self.tracker is not None:
+                self.tracker.figures(self.run_dir, step)
+                self.tracker.close()
             atomic_write_json(self.run_dir / "metrics.json", metrics)  # last: its presence marks a finished run
             log(f"done: selected step {metrics['selected_step']}, test worst-group "
                 f"{metrics['test']['worst_group_metric']:.4f}, average {metrics['test']['average_metric']:.4f}; "

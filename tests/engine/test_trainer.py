@@ -165,3 +165,22 @@ def test_sample_weighted_baselines_run(toy_cfg, teacher_dir, tmp_path, capsys, m
     assert len(rows) == 12 and all(math.isfinite(r["loss"]) for r in rows)
     if method == "jtt_kd":  # toy has a segmentation head: the worst 20% of the teacher's label losses
         assert "jtt_kd: 38 of 192 training samples upweighted x6" in capsys.readouterr().err
+
+
+def test_tensorboard_event_files_have_the_logged_tags(toy_cfg, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = deep_merge(toy_cfg, {"method": "groupdro", "train": {"tensorboard": True}})
+    run(cfg, tmp_path / "tb")
+    (event_dir,) = {p.parent for p in (tmp_path / "tb" / "tensorboard").rglob("events.out.tfevents.*")}
+    ea = EventAccumulator(str(event_dir))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/seg/dice", "train/group_weight/g0", "train/group_loss/g2", "train/group_signal/g1",
+            "val/worst_group_metric", "val/average_metric", "val/group_metric/g1"} <= tags
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(1, 13))
+    rows = read_log(tmp_path / "tb" / "train_log.jsonl")
+    assert [e.value for e in ea.Scalars("train/group_weight/g0")] == pytest.approx([r["group_weight"][0] for r in rows])
+    evals = [json.loads(x) for x in (tmp_path / "tb" / "eval_log.jsonl").read_text().splitlines()]
+    assert set(evals[0]["group_metric"]) == {"g0", "g1", "g2"}  # per-group validation values in eval_log.jsonl
