@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("experiment", help="experiment YAML (see 'groupdistil.experiments.schema' docs for the keys)")
     c.add_argument("--data-root", required=True, help="dataset folder (or the parent of data-sweep levels)")
     c.add_argument("--out", required=True, help="comparison folder (rerun the same command to continue)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a run-config key for every run of the grid, the teacher's too (e.g. "
+                        "train.max_steps=20)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     c.set_defaults(func=_lazy(".experiments.cli", "cmd_compare"))
 

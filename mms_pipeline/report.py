@@ -352,7 +352,8 @@ def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
     def params(v: Any) -> str:
         return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
-    rows = [["student", params(info.get("params")), fmt(info.get("infer_seconds_per_case"), 4)]]
+    role = "student" if info.get("teacher_params") is not None else "model"  # a teacher run has no teacher
+    rows = [[role, params(info.get("params")), fmt(info.get("infer_seconds_per_case"), 4)]]
     if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_case") is not None:
         rows.append(["teacher", params(info.get("teacher_params")),
                      fmt(info.get("teacher_infer_seconds_per_case"), 4)])

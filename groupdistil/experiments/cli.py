@@ -23,7 +23,18 @@ def compare_request_key(args: argparse.Namespace) -> str | None:
                if isinstance(raw.get(k), str) and raw[k] and Path(raw[k]).is_file()}
     data = Path(args.data_root)
     return request_key({"command": "compare", "experiment": read_text(exp), "configs": configs,
-                        "data": tree_signature(data) if data.exists() else None})
+                        "set": sorted(args.set or []), "data": tree_signature(data) if data.exists() else None})
+
+
+def _flat_set(item: str) -> tuple[str, object]:
+    """``train.max_steps=20`` -> ``("train.max_steps", 20)`` (the value parsed as YAML, as ``run --set``)."""
+    from ..config import parse_set
+
+    key = item.split("=", 1)[0].strip()
+    node: object = parse_set([item])
+    for part in key.split("."):
+        node = node[part]  # type: ignore[index]
+    return key, node
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -35,7 +46,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     from .run import run_comparison
 
-    run_comparison(args.experiment, args.data_root, args.out)
+    overrides = {k: v for item in args.set or [] for k, v in [_flat_set(item)]}
+    run_comparison(args.experiment, args.data_root, args.out, overrides=overrides)
     if key:
         record_request(out, key)
     return 0

@@ -99,12 +99,13 @@ class Writer:
         doc = Doc()
         e = self.exp
         doc.para(f"Pipeline {self.pipeline_cls.name}; experiment {e.path}; methods {', '.join(e.methods)} "
-                 f"(plus the teacher); seeds {e.seeds}; test split, model selected by worst-group validation metric.",
+                 f"(plus the teacher); seeds {e.seeds}; test split; each run's model selected on its validation split.",
                  note=True)
         doc.para(self.metric_note(), note=True)
-        doc.para("Mean ± sample std (ddof 1) over seeds. Paired tests: A − B paired by seed (t-test, mean difference "
-                 "and 95% CI; 'n/a' with fewer than 2 pairs); Wilcoxon signed-rank over the test cases of B's worst "
-                 "group, each case's score averaged over the common seeds (when the pipeline has per-case scores).",
+        doc.para("Mean ± sample std (ddof 1) over seeds. A comparison 'first − second' (two methods) is paired by seed "
+                 "(t-test, mean difference and 95% CI; 'n/a' with fewer than 2 pairs), and by test case with the "
+                 "Wilcoxon signed-rank test over the cases of the second method's worst group, each case's score "
+                 "averaged over the common seeds (when the pipeline has per-case scores).",
                  note=True)
         doc.para(CI_NOTE, note=True)
         levels = list(dict.fromkeys(k[0] for k in variants))
@@ -191,10 +192,12 @@ class Writer:
 
 
 CI_NOTE = (
-    "Paired bootstrap (cases): A − B on the same test cases, each case's score averaged over the common seeds; "
+    "Paired bootstrap (cases): first − second method on the same test cases, each case's score averaged over the "
+    "common seeds; "
     f"{N_BOOT} resamples (seed {BOOT_SEED}) of the cases within each group (a subject's ED and ES together), 95% "
-    "percentile interval. For 'worst group' the statistic is the lowest group mean of A minus that of B (the worst "
-    "group may change between resamples); for the cases of B's worst group, the mean difference on them. It says how "
+    "percentile interval. For 'worst group' the statistic is the lowest group mean of the first method minus that of "
+    "the second (the worst group may change between resamples); for the cases of the second method's worst group, "
+    "the mean difference on them. It says how "
     "much the result could move with other test cases of the same kind, not with other seeds (the t-test does). "
     "An interval that excludes 0 is evidence of a difference on these cases. p (Holm): each p-value adjusted for "
     "all the tests of this experiment file (Holm's step-down method); judge significance on it, not on the raw p.")

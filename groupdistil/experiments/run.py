@@ -6,6 +6,7 @@ trains and writes, so two commands never write into the same folder.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def train_all(exp: Experiment, specs: list[RunSpec], pipeline_cls: type[Pipeline
 
     t_all = time.time()
     ready: set[Path] = set()
+    trained: list[float] = []  # seconds of each run trained (or resumed) by this call, for the ETA
     for i, spec in enumerate(specs, 1):
         if spec.data_root not in ready:
             prepare_data(exp, spec.data_root, spec.level, pipeline_cls)
@@ -61,18 +63,26 @@ def train_all(exp: Experiment, specs: list[RunSpec], pipeline_cls: type[Pipeline
         if metrics is None:
             say(f"{tag}: skipped (finished earlier)")
         else:
-            say(f"{tag}: finished in {time.time() - t0:.1f}s (test worst-group {metrics['test'][WORST]:.4f}); "
-                f"{time.time() - t_all:.0f}s elapsed")
+            trained.append(time.time() - t0)
+            left = sum(1 for s in specs[i:] if not (s.run_dir / "metrics.json").exists())
+            eta = f"; about {left * sum(trained) / len(trained) / 60:.0f} min left for {left} run(s)" if left else ""
+            say(f"{tag}: finished in {trained[-1]:.1f}s (test worst-group {metrics['test'][WORST]:.4f}); "
+                f"{time.time() - t_all:.0f}s elapsed{eta}")
     say(f"all {len(specs)} runs finished ({time.time() - t_all:.0f}s)")
 
 
 def run_comparison(experiment: str | Path, data_root: str | Path, out: str | Path,
-                   pipeline_cls: type[Pipeline] | None = None) -> Path:
+                   pipeline_cls: type[Pipeline] | None = None, overrides: dict[str, Any] | None = None) -> Path:
     """Plan, train (skipping finished runs), and report a comparison; returns the report.html path.
 
     ``pipeline_cls`` defaults to the student config's ``pipeline`` looked up with ``get_pipeline`` (tests inject one).
     """
     exp = load_experiment(experiment)
+    if overrides:  # compare --set key=value: every run, the teacher's too
+        bad = [k for k in overrides if k.split(".")[0] in ("seed", "method", "pipeline", "groups", "run")]
+        if bad:
+            raise UserError(f"compare --set {bad[0]}: set by the experiment (use its methods / seeds / teacher_seed)")
+        exp = dataclasses.replace(exp, set={**exp.set, **overrides}, teacher_set={**exp.teacher_set, **overrides})
     if pipeline_cls is None:
         pipeline_cls = get_pipeline(str(load_yaml(exp.student_config).get("pipeline")))
     out = Path(out).resolve()

@@ -13,7 +13,7 @@ Experiment YAML (relative paths resolve against the current working directory)::
                                                     # students run once per teacher (key 'teacher' in the tables)
     sweep: {method_args.eta: [0.001, 0.01, 0.1]}    # grid: cartesian product over the keys
     sweep_methods: [groupdistil]                    # methods the sweep applies to (default: all); others once per seed
-    pairs: [[groupdistil, kd]]                      # paired comparisons A - B (default [[groupdistil, kd]] if both run)
+    pairs: [[groupdistil, kd]]                      # paired comparisons first - second (default [[groupdistil, kd]])
     data:
       synthesize_if_missing: true                   # write a missing data root with the pipeline's synthesize()
       seed: 0                                       # synthesis seed
@@ -129,7 +129,7 @@ def load_experiment(path: str | Path) -> Experiment:
     for pair in pairs_raw:
         ab = _names(src, "pairs", pair, methods, "method of 'methods'")
         if len(ab) != 2:
-            raise UserError(f"{src}: key 'pairs': each entry is [A, B] (reported as A - B), got {pair!r}")
+            raise UserError(f"{src}: key 'pairs': each entry is [first, second] (reported as first − second), got {pair!r}")
         pairs.append((ab[0], ab[1]))
     seeds = e["seeds"]
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):

@@ -207,7 +207,7 @@ def test_case_pairing_and_wilcoxon_match_hand_computation():
     ({"data": {"sweep": [1]}}, r"exp\.yaml: key 'data\.sweep' must be a mapping"),
     ({"teacher_seed": "one"}, r"exp\.yaml: config key 'teacher_seed' must be of type int"),
     ({"teacher_config": ""}, r"exp\.yaml: missing key 'teacher_config' \(methods kd, groupdistil distil"),
-    ({"pairs": [["kd"]]}, r"exp\.yaml: key 'pairs': each entry is \[A, B\]"),
+    ({"pairs": [["kd"]]}, r"exp\.yaml: key 'pairs': each entry is \[first, second\]"),
     ({"set": {"train.lrr": 0.1}}, r"exp\.yaml: key 'set': unknown config key 'train\.lrr'"),
     ({"sweep": {"method_args.eta": ["big"]}}, r"exp\.yaml: key 'sweep': config key 'method_args\.eta' must be of type"),
 ])
@@ -239,9 +239,12 @@ def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
     from groupdistil.cli import build_parser
 
     exp = write_experiment(tmp_path, methods=["erm"], seeds=[0], teacher_config="")
-    argv = ["compare", str(exp), "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+    argv = ["compare", str(exp), "--data-root", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+            "--set", "train.max_steps=3", "--set", "train.lr=2e-2"]
     args = build_parser().parse_args(argv)
     assert args.func(args) == 0
+    cfg = yaml.safe_load((tmp_path / "o" / "runs" / "erm__seed=0" / "config.yaml").read_text())
+    assert cfg["train"]["max_steps"] == 3 and cfg["train"]["lr"] == 0.02  # compare --set reaches every run
     assert [r["run_dir"] for r in read_csv(tmp_path / "o" / "runs.csv")] == ["runs/erm__seed=0"]
     assert "Paired comparisons" not in (tmp_path / "o" / "report.md").read_text()
 
