@@ -11,9 +11,12 @@ folder, a checkpoint or a plain state dict, read the same safe way; the model's 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import pickle
 import random
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +65,58 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ck
 
 
+def is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive (a zip with a ``code/`` folder), as ``groupdistil export`` writes."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist()[:200])
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class ScriptedTeacher(nn.Module):
+    """A TorchScript model returning a tuple of logits, as a ``{head: logits}`` model (heads in export order)."""
+
+    def __init__(self, scripted: nn.Module, heads: list[str]) -> None:
+        super().__init__()
+        self.scripted, self.heads = scripted, list(heads)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.scripted(x)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return dict(zip(self.heads, out))
+
+
+def load_torchscript_teacher(path: Path, pipeline_cls: Any) -> tuple[nn.Module, dict]:
+    """A teacher exported elsewhere as TorchScript, with its input contract in ``export.json`` beside it
+    (``pipeline``, ``outputs``: the head of each output in order), e.g. by ``groupdistil export`` of another project.
+    The archive holds a TorchScript program (no Python pickle): it is run, so use teachers you trust as programs."""
+    contract = path.parent / "export.json"
+    if not contract.is_file():
+        raise UserError(f"{path}: a TorchScript teacher needs its input contract {contract.name} beside it "
+                        f"(pipeline, outputs: the head of each output in order), as 'groupdistil export' writes")
+    info = json.loads(contract.read_text())
+    entry = info.get("formats", {}).get("torchscript", info) if isinstance(info, dict) else {}
+    pipeline, heads = entry.get("pipeline", info.get("pipeline")), entry.get("outputs", info.get("outputs"))
+    if pipeline != pipeline_cls.name:
+        raise UserError(f"{contract}: the TorchScript teacher is for pipeline '{pipeline}', this run uses "
+                        f"'{pipeline_cls.name}'")
+    if not isinstance(heads, list) or not heads:
+        raise UserError(f"{contract}: 'outputs' must list the head of each output (e.g. [cls, seg])")
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - an unreadable archive is a user error
+        raise UserError(f"{path}: not a loadable TorchScript model ({type(e).__name__})") from None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return ScriptedTeacher(scripted, heads).eval(), {"run_hash": f"torchscript-{digest}", "step": 0}
+
+
 def load_model_from_checkpoint(path: str | Path, pipeline_cls: Any, what: str = "teacher") -> tuple[nn.Module, dict]:
-    """Build the model described by the checkpoint's own config and load its weights."""
+    """Build the model described by the checkpoint's own config and load its weights (or, for a teacher, load a
+    TorchScript archive with its ``export.json``: :func:`load_torchscript_teacher`)."""
     ck_path = resolve_checkpoint(path, what)
+    if what == "teacher" and is_torchscript(ck_path):
+        return load_torchscript_teacher(ck_path, pipeline_cls)
     ck = load_checkpoint(ck_path)
     cfg = ck["config"]
     if cfg.get("pipeline") != pipeline_cls.name:

@@ -322,3 +322,23 @@ def test_a_finished_run_is_recognised_without_importing_torch(wb_root, tmp_path)
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))  # same bytes, new time
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert r.stdout.split() == ["TORCH", "0"] and "already finished" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_a_torchscript_teacher_distils_a_student(wb_root, wb_teacher, tmp_path, capsys):
+    """--teacher takes a TorchScript file with its export.json beside it (here: groupdistil export of a teacher)."""
+    import shutil
+
+    import yaml
+
+    src = tmp_path / "t"
+    shutil.copytree(wb_teacher, src)
+    assert main(["export", str(src), "--format", "torchscript"]) == 0
+    (scripted,) = [p for p in (src / "export").glob("*.pt")]
+    out = tmp_path / "kd"
+    assert main(["run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out", str(out),
+                 "--method", "kd", "--teacher", str(scripted), *TINY, "--max-steps", "2"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["teacher"].startswith("torchscript-")
+    (src / "export" / "export.json").unlink()
+    code, err = run_main(capsys, "run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out",
+                         str(tmp_path / "kd2"), "--method", "kd", "--teacher", str(scripted), *TINY)
+    assert code == 2 and "a TorchScript teacher needs its input contract export.json beside it" in err
