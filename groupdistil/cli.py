@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     c.set_defaults(func=_lazy(".experiments.cli", "cmd_compare"))
 
-    e = sub.add_parser("export", help="export the selected student of a run (TorchScript or ONNX)")
+    e = sub.add_parser("export", help="export the selected model of a run (TorchScript or ONNX)")
     e.add_argument("run_dir")
     e.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

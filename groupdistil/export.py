@@ -1,10 +1,11 @@
 """``groupdistil export RUN_DIR --format torchscript|onnx``: a run's selected model as a standalone model.
 
-Writes ``RUN_DIR/export/model.pt`` (TorchScript) or ``model.onnx`` and ``export.json``: per format (``formats``, one
-entry per format exported, merged across calls) the file and the selected step; for the model the outputs (one
-tensor per head, in the listed order), the input shape and the preprocessing it expects (from the pipeline), and its
-``role``: ``student`` (distilled from a teacher), ``teacher`` (a comparison's ``teacher/`` run) or ``model`` (any
-other run trained without a teacher, e.g. one of ``configs/*_teacher.yaml``). The export runs on the CPU in float32.
+Writes ``RUN_DIR/export/model.pt`` (TorchScript) or ``model.onnx`` and ``export.json``: ``formats``, one entry per
+format exported from the same selected checkpoint (merged across calls: the file, the selected step, the run hash);
+the outputs (one tensor per head, in the listed order), the input shape and the preprocessing the model expects
+(from the pipeline); and the model's ``role``: ``student`` (its method distils a teacher), ``teacher`` (a
+comparison's ``teacher/`` run) or ``model`` (any other run trained without a teacher, e.g. one of
+``configs/*_teacher.yaml``). The export runs on the CPU in float32.
 
 A comparison folder has no checkpoint of its own: export one of its ``runs/<name>/`` or ``teacher/`` folders.
 """
@@ -61,8 +62,9 @@ def _check_is_run(run_dir: Path) -> None:
         return  # resolve_checkpoint says what is missing
     shown = [f"{d.relative_to(run_dir).as_posix()}/" for d in runs[:4]]
     more = f" (and {len(runs) - len(shown)} more)" if len(runs) > len(shown) else ""
+    example = next((d for d in runs if d.parent.name == "runs"), runs[0])  # a student rather than the teacher
     raise UserError(f"{run_dir} is a comparison folder, not a run: export one of its run folders, e.g. "
-                    f"groupdistil export {(run_dir / shown[0]).as_posix()}; its runs: {', '.join(shown)}{more}")
+                    f"groupdistil export {example.as_posix()}; its runs: {', '.join(shown)}{more}")
 
 
 def load_selected(run_dir: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -88,12 +90,12 @@ def model_role(run_dir: Path, cfg: dict[str, Any]) -> str:
 
 @contextmanager
 def _quiet_export_deprecations() -> Iterator[None]:
-    """Recent torch marks ``torch.jit.trace``/``trace_method``/``load`` deprecated (a FutureWarning on every call) and
-    the TorchScript-based ONNX exporter (``dynamo=False``) too (DeprecationWarnings); they are still the exporters
-    this command uses (the torch.export-based ONNX exporter needs the onnxscript package), so exactly those
-    warnings are silenced here; any other warning still shows."""
+    """Recent torch marks ``torch.jit.trace``/``trace_method``/``load`` deprecated on every call (a FutureWarning
+    since torch 2.14, a DeprecationWarning before) and the TorchScript-based ONNX exporter (``dynamo=False``) too
+    (DeprecationWarnings); they are still the exporters this command uses (the torch.export-based ONNX exporter
+    needs the onnxscript package), so exactly those warnings are silenced here; any other warning still shows."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
         warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export",
                                 category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning,
@@ -105,8 +107,8 @@ def _read_export_json(path: Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return info if isinstance(info, dict) and isinstance(info.get("formats"), dict) else {}
+        return {"formats": {}}
+    return info if isinstance(info, dict) and isinstance(info.get("formats"), dict) else {"formats": {}}
 
 
 def export(run_dir: Path, fmt: str) -> Path:
@@ -138,8 +140,12 @@ def export(run_dir: Path, fmt: str) -> Path:
             torch.onnx.export(wrapped, (example,), str(tmp), input_names=["x"], output_names=heads,
                               dynamic_axes={"x": {0: "batch"}, **{h: {0: "batch"} for h in heads}}, dynamo=False)
     info_path = out_dir / "export.json"
-    formats = _read_export_json(info_path).get("formats", {})
-    formats[fmt] = {"file": path.name, "selected_step": ck["step"], "run_hash": ck.get("run_hash")}
+    entry = {"file": path.name, "selected_step": ck["step"], "run_hash": ck.get("run_hash")}
+    # keep the other formats' entries that were exported from this same checkpoint (a run continued since then
+    # selects another one: those files are stale and are left out of export.json)
+    formats = {k: v for k, v in _read_export_json(info_path)["formats"].items() if k != fmt and isinstance(v, dict)
+               and (v.get("selected_step"), v.get("run_hash")) == (entry["selected_step"], entry["run_hash"])}
+    formats[fmt] = entry
     run = cfg.get("run") or {}
     atomic_write_json(info_path, {
         "role": model_role(run_dir, cfg), "method": cfg.get("method"), "distilled_from": run.get("teacher"),
