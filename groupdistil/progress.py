@@ -147,3 +147,20 @@ def tracking_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None
+
+
+def progress_iter(items: list, desc: str, enabled: bool = True):
+    """Iterate ``items`` with progress on the main process: tqdm on a terminal, else a line at 25/50/75/100%."""
+    if not enabled or not dist_utils.is_main():
+        yield from items
+        return
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        yield from tqdm(items, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        return
+    n, t0, marks = len(items), time.time(), {max(1, round(len(items) * f)) for f in (0.25, 0.5, 0.75, 1.0)}
+    for k, item in enumerate(items, 1):
+        yield item
+        if k in marks:
+            log(f"{desc}: {k}/{n} ({time.time() - t0:.0f}s)")

@@ -35,6 +35,7 @@ from torch import nn
 from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
+from groupdistil.progress import progress_iter
 from groupdistil.stats import group_mean
 
 from . import data, report, scoring
@@ -359,7 +360,9 @@ class MMSPipeline(Pipeline):
                   pred_dir: Path | None) -> tuple[list[dict[str, Any]], float]:
         """Rows of every volume of ``split`` (sharded over ranks, gathered) and mean inference seconds per volume."""
         subjects = self.splits[split]
-        mine = [(i, self.evaluate_subject(predict, self.case(split, i), pred_dir)) for i in shard(len(subjects))]
+        todo = list(shard(len(subjects)))
+        progress = progress_iter(todo, f"evaluating {split} subjects", enabled=pred_dir is not None)  # final only
+        mine = [(i, self.evaluate_subject(predict, self.case(split, i), pred_dir)) for i in progress]
         results = sorted(gather_objects(mine), key=lambda r: r[0])
         rows = [row for _, r in results for row in r["rows"]]
         return rows, float(np.mean([r["seconds"] for _, r in results]))
