@@ -44,13 +44,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from golden_io import GOLDEN, tree_diffs
 
 from groupdistil.cli import main
 from mms_pipeline.pipeline import MMSPipeline
 from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = Path(__file__).with_name("golden.json")
 UPDATE = os.environ.get("GROUPDISTIL_UPDATE_GOLDEN") == "1"
 METHODS = ["erm", "kd", "groupdro", "groupdistil"]
 COMMON = ["--max-steps", "6", "--set", "train.eval_every=3", "--set", "train.log_every=3",
@@ -163,21 +163,6 @@ def environment() -> dict[str, Any]:
                                                 "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}}
 
 
-def tree_diffs(got: Any, want: Any, rel: float, abs_: float, path: str = "") -> list[str]:
-    """Differences between two JSON-like trees: floats within ``rel``/``abs_``, everything else exact. Keys of
-    ``got`` that the golden tree does not have are ignored (a new logged value is not a regression)."""
-    if isinstance(want, dict):
-        if not isinstance(got, dict):
-            return [f"{path}: {got!r} is not a mapping"]
-        missing = [f"{path}/{k}: missing (golden {want[k]!r})" for k in want if k not in got]
-        return missing + [d for k in want if k in got for d in tree_diffs(got[k], want[k], rel, abs_, f"{path}/{k}")]
-    if isinstance(want, list):
-        if not isinstance(got, list) or len(got) != len(want):
-            return [f"{path}: {got!r} != {want!r}"]
-        return [d for i, (g, w) in enumerate(zip(got, want)) for d in tree_diffs(g, w, rel, abs_, f"{path}[{i}]")]
-    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return [] if math.isclose(got, want, rel_tol=rel, abs_tol=abs_) else [f"{path}: golden {want!r}, now {got!r}"]
-    return [] if got == want else [f"{path}: golden {want!r}, now {got!r}"]
 
 
 def close(a: float, b: float, rel: float = REL_LOGGED, abs_: float = ABS_LOGGED) -> bool:

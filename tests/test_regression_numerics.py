@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from golden_io import GOLDEN, load_section, tree_diffs, write_section
 from torch import nn
 
 from groupdistil.losses import (
@@ -46,7 +47,6 @@ from groupdistil.losses import (
 from groupdistil.methods import METHODS
 from groupdistil.weighting import GroupWeights, group_means
 
-GOLDEN = Path(__file__).with_name("golden.json")
 UPDATE = os.environ.get("GROUPDISTIL_UPDATE_GOLDEN") == "1"
 SECTION = "numerics"
 
@@ -58,34 +58,10 @@ REL_FLOAT32, ABS_FLOAT32 = 1e-5, 1e-6
 REL_FLOAT64, ABS_FLOAT64 = 1e-9, 1e-12
 
 
-# --- golden file helpers (the same few lines in each regression test file) -----------------------------------
-def load_section(section: str) -> dict[str, Any] | None:
-    data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    return data.get(section)
 
 
-def write_section(section: str, values: dict[str, Any]) -> None:
-    data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    data[section] = values
-    GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-def tree_diffs(got: Any, want: Any, rel: float, abs_: float, path: str = "") -> list[str]:
-    """Differences between two JSON-like trees: floats within ``rel``/``abs_``, everything else exact. Keys of
-    ``got`` that the golden tree does not have are ignored (a new logged value is not a regression)."""
-    if isinstance(want, dict):
-        if not isinstance(got, dict):
-            return [f"{path}: {got!r} is not a mapping"]
-        missing = [f"{path}/{k}: missing (golden {want[k]!r})" for k in want if k not in got]
-        return missing + [d for k in want if k in got for d in tree_diffs(got[k], want[k], rel, abs_, f"{path}/{k}")]
-    if isinstance(want, list):
-        if not isinstance(got, list) or len(got) != len(want):
-            return [f"{path}: {got!r} != {want!r}"]
-        return [d for i, (g, w) in enumerate(zip(got, want)) for d in tree_diffs(g, w, rel, abs_, f"{path}[{i}]")]
-    if isinstance(want, float) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        ok = math.isclose(got, want, rel_tol=rel, abs_tol=abs_) or (math.isnan(got) and math.isnan(want))
-        return [] if ok else [f"{path}: golden {want!r}, now {got!r}"]
-    return [] if got == want else [f"{path}: golden {want!r}, now {got!r}"]
 
 
 def check_golden(section: str, key: str, got: Any, rel: float, abs_: float) -> None:

@@ -32,13 +32,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from golden_io import GOLDEN, load_section, write_section
 from PIL import Image
 
 from mms_pipeline.pipeline import MMSPipeline
 from waterbirds_pipeline.data import decode_image, resize_size
 from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
-GOLDEN = Path(__file__).with_name("golden.json")
 UPDATE = os.environ.get("GROUPDISTIL_UPDATE_GOLDEN") == "1"
 SECTION = "synthetic"
 
@@ -55,16 +55,8 @@ MMS_OPTIONS: dict[str, Any] = {"seed": 0, "tiny": True}
 WATERBIRDS_OPTIONS: dict[str, Any] = {"seed": 0, "scale": 0.02, "min_size": 40, "max_size": 56}
 
 
-# --- golden file helpers (the same few lines in each regression test file) -----------------------------------
-def load_section(section: str) -> dict[str, Any] | None:
-    data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    return data.get(section)
 
 
-def write_section(section: str, values: dict[str, Any]) -> None:
-    data = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    data[section] = values
-    GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def golden_value(section: str, key: str, got: Any) -> Any:
