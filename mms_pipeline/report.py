@@ -38,6 +38,7 @@ from groupdistil.io import atomic_write_bytes
 from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
+from .data import VENDOR_NAMES
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
 
 PER_CASE_FILE = "per_case.csv"
@@ -223,17 +224,23 @@ def _group_table(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, i
     ``n``: most values (excluded ones included) of any shown metric. ``extra``: ``{header: {group: value}}``
     columns of plain higher-is-better values (classification accuracy)."""
     extra = extra or {}
-    headers = [group_label, "n", *[h for h, _, _ in columns], *extra]
+    headers = [group_label, "volumes (subjects)", *[h for h, _, _ in columns], *extra]
     worst = summary.get("worst", {})
     rows: list[list[Any]] = []
     for g in _groups(summary):
         n = max((summary[g].get(m, {}).get("n", 0) + summary[g].get(m, {}).get("n_excluded", 0)
                  for _, m, _ in columns), default=0)
-        rows.append([g, n, *[_cell(summary[g], m, d, show_excluded) for _, m, d in columns],
+        rows.append([_group_name(g, group_label), f"{n} ({n // 2})" if n else "0",
+                     *[_cell(summary[g], m, d, show_excluded) for _, m, d in columns],
                      *[fmt(vals.get(g)) for vals in extra.values()]])
     worst_extra = [min(vals, key=lambda k: vals[k]) if vals else "-" for vals in extra.values()]
     rows.append(["worst", "", *[worst.get(_abs(m), {}).get("group", "-") for _, m, _ in columns], *worst_extra])
     return headers, rows
+
+
+def _group_name(g: str, group_label: str) -> str:
+    """``B (Philips)`` for a vendor letter; other groups as they are."""
+    return f"{g} ({VENDOR_NAMES[g]})" if group_label == "Vendor" and g in VENDOR_NAMES else str(g)
 
 
 def _dice_columns() -> list[tuple[str, str, int]]:
@@ -272,9 +279,13 @@ def _vendor_section(doc: Doc, ev: Mapping[str, Any], title: str) -> None:
     cls = _cls_accuracy(ev)
     worst = by_vendor.get("worst", {}).get(MEAN_DICE, {})
     if worst:
-        doc.para(f"Worst vendor by mean Dice: {worst['group']} ({fmt(worst['value'])}). "
-                 f"worst_group_metric = {fmt(ev.get('worst_group_metric'))}, "
-                 f"average_metric = {fmt(ev.get('average_metric'))}.")
+        groups = ev.get("group_metric") or {}
+        headline = min(groups, key=groups.__getitem__) if groups else "-"
+        doc.para(f"Worst vendor by mean Dice: {_group_name(worst['group'], 'Vendor')} ({fmt(worst['value'])}). "
+                 f"The run's headline, over the groups it was trained and selected on ({', '.join(map(str, groups))}): "
+                 f"worst_group_metric = {fmt(ev.get('worst_group_metric'))} (group {headline}), "
+                 f"average_metric = {fmt(ev.get('average_metric'))}. Tables count volumes (subject x ED/ES) and, "
+                 f"in brackets, subjects.")
     doc.table(*_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
                             extra={"cls accuracy": cls} if cls else None))
     if ev.get("worst_vendor_cls_acc") is not None:
