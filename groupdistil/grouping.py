@@ -132,3 +132,17 @@ def adjusted_rand_index(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float
     expected = rows * cols / total if total else 0.0
     best = (rows + cols) / 2
     return 1.0 if best == expected else (index - expected) / (best - expected)
+
+
+def agreement(grouping: dict[str, Any], true: Tensor, true_names: list[str], inferred: Tensor, names: list[str],
+              cases: list[str]) -> tuple[dict[str, Any], str]:
+    """``metrics.json["grouping"]`` (mode, k, the adjusted Rand index with the true groups, the confusion table) and
+    the text of ``groups_inferred.csv`` (``index, case, true_group, inferred_group``)."""
+    info = {"mode": grouping["mode"], "k": grouping["k"], "groups": names,
+            "adjusted_rand_index": adjusted_rand_index(true.numpy(), inferred.numpy()),
+            "confusion": {"rows (true)": true_names, "columns (inferred)": names,
+                          "counts": confusion(true, inferred, len(true_names), len(names))}}
+    rows = ["index,case,true_group,inferred_group"] + [
+        f"{i},{cases[i]},{true_names[int(t)]},{names[int(q)]}" for i, (t, q) in enumerate(zip(true.tolist(),
+                                                                                             inferred.tolist()))]
+    return info, "\n".join(rows) + "\n"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -173,3 +174,45 @@ def finished_with(folder: Path, key: str, marker: str) -> bool:
 
 def record_request(folder: Path, key: str) -> None:
     atomic_write_text(Path(folder) / REQUEST_NAME, json.dumps({"key": key}) + "\n")
+
+
+def prepare_run_dir(run_dir: Path, cfg: dict, outputs: Iterable[str], force: bool) -> str:
+    """What to do with a locked RUN_DIR for this resolved ``cfg``: 'new', 'resume' or 'done'.
+
+    A folder with other content and no ``config.yaml`` is refused, and so is a run folder made with other settings
+    (naming the keys that differ), unless ``force``, which removes the run's ``outputs`` (and nothing else) first. A
+    run interrupted before its first checkpoint starts over from nothing; orphan temporaries are removed."""
+    import yaml
+
+    from .config import config_diff, config_hash
+
+    outputs = tuple(outputs)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+        if others and not force:
+            raise UserError(f"{run_dir}: not empty and not a run folder (no config.yaml; holds "
+                            f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); use a new --out")
+        remove_outputs(run_dir, outputs)
+        return "new"
+    try:
+        old = yaml.safe_load(cfg_path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        if not force:
+            raise UserError(f"{cfg_path}: unreadable ({type(e).__name__}); use --force to start the run over") from None
+        old = {}
+    if force or config_hash(old, exclude=()) != config_hash(cfg, exclude=()):
+        if not force:
+            raise UserError(f"{run_dir}: this run folder was made with other settings ({config_diff(old, cfg)}); "
+                            f"use another --out, or --force to start it over")
+        removed = remove_outputs(run_dir, outputs)
+        print(f"--force: removed {', '.join(removed) or 'nothing'} from {run_dir}", file=sys.stderr, flush=True)
+        return "new"
+    if (run_dir / "metrics.json").exists():
+        return "done"
+    remove_orphan_temporaries(run_dir)
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        return "resume"
+    # killed before its first checkpoint: nothing to resume from, so nothing it wrote is kept
+    remove_outputs(run_dir, outputs, keep=("config.yaml",))
+    return "new"

@@ -25,15 +25,15 @@ from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
 from .checkpoint import CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, rng_state, set_rng_state
-from .config import config_diff, config_hash, dump_yaml, select_method_args
+from .config import config_hash, dump_yaml, select_method_args
 from .errors import UserError
-from .grouping import adjusted_rand_index, confusion, infer_groups, teacher_pass
+from .grouping import agreement, infer_groups, teacher_pass
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
 from .pipeline import Pipeline
 from .progress import Progress, StepLogger, Tracker, log, tracking_available
-from .rundir import LOCK_NAME, FolderLock, remove_orphan_temporaries, remove_outputs, truncate_jsonl
+from .rundir import FolderLock, prepare_run_dir, truncate_jsonl
 from .runtime import Runtime, count_params, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
 from .teacher import Teacher
@@ -141,43 +141,8 @@ class Trainer:
         return status
 
     def prepare_run_dir(self) -> str:
-        """Returns 'new', 'resume' or 'done' (main process, with the folder locked). Refuses a folder made with another config
-        unless --force; a run interrupted before its first checkpoint starts over from nothing."""
-        cfg_path = self.run_dir / "config.yaml"
-        self.run_hash = config_hash(self.cfg, exclude=())
-        if not cfg_path.exists():
-            others = sorted(p.name for p in self.run_dir.iterdir() if p.name != LOCK_NAME)
-            if others and not self.force:
-                raise UserError(f"{self.run_dir}: not empty and not a run folder (no config.yaml; holds "
-                                f"{', '.join(others[:4])}{', ...' if len(others) > 4 else ''}); use a new --out")
-            remove_outputs(self.run_dir, self.outputs())
-            return "new"
-        import yaml
-
-        try:
-            old = yaml.safe_load(cfg_path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            if not self.force:
-                raise UserError(f"{cfg_path}: unreadable ({type(e).__name__}); use --force to start the run "
-                                f"over") from None
-            old = {}
-        same = config_hash(old, exclude=()) == self.run_hash
-        if self.force or not same:
-            if not self.force:
-                diff = config_diff(old, self.cfg)
-                raise UserError(f"{self.run_dir}: this run folder was made with other settings ({diff}); use "
-                                f"another --out, or --force to start it over")
-            removed = remove_outputs(self.run_dir, self.outputs())
-            log(f"--force: removed {', '.join(removed) or 'nothing'} from {self.run_dir}")
-            return "new"
-        if (self.run_dir / "metrics.json").exists():
-            return "done"
-        remove_orphan_temporaries(self.run_dir)
-        if (self.run_dir / "checkpoints" / "last.pt").exists():
-            return "resume"
-        # killed before its first checkpoint: nothing to resume from, so nothing it wrote is kept
-        remove_outputs(self.run_dir, self.outputs(), keep=("config.yaml",))
-        return "new"
+        """:func:`rundir.prepare_run_dir` for this run (main process, folder locked)."""
+        return prepare_run_dir(self.run_dir, self.cfg, self.outputs(), self.force)
 
     # --- setup ---------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -235,23 +200,16 @@ class Trainer:
             raise UserError("grouping.mode 'error' needs a classification head (cls) on the teacher")
         classes = self.pipeline.class_names() if "cls" in passed and "seg" not in self.pipeline.heads else None
         inferred, names = infer_groups(g["mode"], g["k"], g["seed"], passed, self.pipeline.train_cases(), classes)
-        true = self.pipeline.train_groups()
         self.inferred = inferred.to(self.device)
         self.n_groups, self.train_group_names = len(names), names
         self.train_counts = torch.bincount(inferred, minlength=len(names)).tolist()
-        ari = adjusted_rand_index(true.numpy(), inferred.numpy())
-        table = confusion(true, inferred, len(self.cfg["groups"]), len(names))
-        self.grouping_info = {"mode": g["mode"], "k": g["k"], "groups": names, "adjusted_rand_index": ari,
-                              "confusion": {"rows (true)": self.cfg["groups"], "columns (inferred)": names,
-                                            "counts": table}}
+        self.grouping_info, csv_text = agreement(g, self.pipeline.train_groups(), self.cfg["groups"], inferred, names,
+                                                 self.pipeline.train_cases())
         if self.main:
-            cases = self.pipeline.train_cases()
-            rows = ["index,case,true_group,inferred_group"] + [
-                f"{i},{cases[i]},{self.cfg['groups'][int(t)]},{names[int(q)]}"
-                for i, (t, q) in enumerate(zip(true.tolist(), inferred.tolist()))]
-            atomic_write_text(self.run_dir / "groups_inferred.csv", "\n".join(rows) + "\n")
+            atomic_write_text(self.run_dir / "groups_inferred.csv", csv_text)
         log(f"grouping.mode {g['mode']}: {len(names)} inferred groups {dict(zip(names, self.train_counts))}; "
-            f"adjusted Rand index with the true groups {ari:.3f} ({time.time() - t0:.1f}s)")
+            f"adjusted Rand index with the true groups {self.grouping_info['adjusted_rand_index']:.3f} "
+            f"({time.time() - t0:.1f}s)")
 
     def heldout_batches(self) -> tuple[list[dict[str, torch.Tensor]] | None, list[int]]:
         """For the ``heldout`` signal: whole training cases kept out of the sampler (``self.heldout_idx``), as
@@ -419,7 +377,8 @@ class Trainer:
         timing: dict[str, Any] = {"train_seconds": train_seconds}
         last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):
-            m = self.pipeline.evaluate(self.runtime.predictor(selected), split, out_dir=self.run_dir, teacher=teacher_pred)
+            m = self.pipeline.evaluate(self.runtime.predictor(selected), split, out_dir=self.run_dir,
+                                       teacher=teacher_pred)
             timing[split] = m.pop("timing", {})
             metrics[split] = m
             if metrics["selected_step"] == step:  # the same weights: no second evaluation

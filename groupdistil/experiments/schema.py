@@ -129,7 +129,8 @@ def load_experiment(path: str | Path) -> Experiment:
     for pair in pairs_raw:
         ab = _names(src, "pairs", pair, methods, "method of 'methods'")
         if len(ab) != 2:
-            raise UserError(f"{src}: key 'pairs': each entry is [first, second] (reported as first − second), got {pair!r}")
+            raise UserError(f"{src}: key 'pairs': each entry is [first, second] (reported as first − second), "
+                            f"got {pair!r}")
         pairs.append((ab[0], ab[1]))
     seeds = e["seeds"]
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds) or len(set(seeds)) < len(seeds):
