@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a run-config key for every run of the grid, the teacher's too (e.g. "
                         "train.max_steps=20)")
+    c.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once in worker processes (a run starts when its teacher has finished); "
+                        "each run's output goes to OUT/logs/. Results do not depend on N")
+    c.add_argument("--reuse", action="append", metavar="DIR",
+                   help="another comparison folder: its finished runs with the very same resolved config (data "
+                        "and teacher included) are copied in instead of trained again (repeatable)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     c.set_defaults(func=_lazy(".experiments.cli", "cmd_compare"))
 

@@ -47,7 +47,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .run import run_comparison
 
     overrides = {k: v for item in args.set or [] for k, v in [_flat_set(item)]}
-    run_comparison(args.experiment, args.data_root, args.out, overrides=overrides)
+    run_comparison(args.experiment, args.data_root, args.out, overrides=overrides, jobs=args.jobs,
+                   reuse=args.reuse)
     if key:
         record_request(out, key)
     return 0

@@ -296,3 +296,58 @@ def test_robust_teacher_table_plans_and_runs_at_tiny_size(tmp_path):
     finally:
         Trainer.build = orig
     assert built == []
+
+
+def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path):
+    """``compare --jobs 2``: students start once their teacher has finished, each run's output goes to OUT/logs/,
+    and every run's training log is byte-identical to the one-process comparison's."""
+    exp = write_experiment(tmp_path)
+    over = {"train.num_threads": 1}
+    run_comparison(exp, tmp_path / "data", tmp_path / "one", pipeline_cls=ToyPipeline, overrides=over)
+    run_comparison(exp, tmp_path / "data", tmp_path / "two", pipeline_cls=ToyPipeline, overrides=over, jobs=2)
+    one, two = read_csv(tmp_path / "one" / "runs.csv"), read_csv(tmp_path / "two" / "runs.csv")
+    assert [r["method"] for r in two] == ["teacher", "kd", "groupdistil", "kd", "groupdistil"]
+    for a, b in zip(one, two):
+        assert {k: v for k, v in a.items() if k != "run_dir"} == {k: v for k, v in b.items() if k != "run_dir"}
+        assert (tmp_path / "one" / a["run_dir"] / "train_log.jsonl").read_bytes() == \
+            (tmp_path / "two" / b["run_dir"] / "train_log.jsonl").read_bytes()
+    logs = sorted(p.name for p in (tmp_path / "two" / "logs").iterdir())
+    assert logs == ["runs__groupdistil__seed=0.log", "runs__groupdistil__seed=1.log", "runs__kd__seed=0.log",
+                    "runs__kd__seed=1.log", "teacher.log"]
+    assert "step 4/4" in (tmp_path / "two" / "logs" / "teacher.log").read_text()
+    with pytest.raises(UserError, match="--jobs 0"):
+        run_comparison(exp, tmp_path / "data", tmp_path / "three", pipeline_cls=ToyPipeline, jobs=0)
+
+
+def test_reuse_copies_only_runs_with_the_very_same_config(tmp_path, monkeypatch):
+    """``compare --reuse DIR``: the teacher, KD and the eta=0.01 GroupDistil runs of an earlier comparison are copied
+    in (same resolved config, data and teacher); the new eta is trained; a changed setting reuses nothing."""
+    torch.set_num_threads(1)
+    first = write_experiment(tmp_path, seeds=[0])
+    run_comparison(first, tmp_path / "data", tmp_path / "first", pipeline_cls=ToyPipeline)
+    built: list[str] = []
+    build = Trainer.build
+
+    def counting_build(self):
+        built.append(self.run_dir.name)
+        build(self)
+
+    monkeypatch.setattr(Trainer, "build", counting_build)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    second = write_experiment(sweep, seeds=[0], sweep={"method_args.eta": [0.01, 0.5]}, sweep_methods=["groupdistil"])
+    run_comparison(second, tmp_path / "data", tmp_path / "second", pipeline_cls=ToyPipeline,
+                   reuse=[tmp_path / "first"])
+    assert built == ["groupdistil__eta=0.5__seed=0"]
+    old, new = tmp_path / "first", tmp_path / "second"
+    assert (old / "runs/groupdistil__seed=0/train_log.jsonl").read_bytes() == \
+        (new / "runs/groupdistil__eta=0.01__seed=0/train_log.jsonl").read_bytes()
+    assert (new / "teacher" / "metrics.json").is_file()
+
+    built[:] = []  # another lr: the configs differ, nothing is reused
+    run_comparison(first, tmp_path / "data", tmp_path / "third", pipeline_cls=ToyPipeline,
+                   overrides={"train.lr": 0.02}, reuse=[tmp_path / "first"])
+    assert built == ["teacher", "kd__seed=0", "groupdistil__seed=0"]
+    with pytest.raises(UserError, match="the comparison folder itself"):
+        run_comparison(first, tmp_path / "data", tmp_path / "first", pipeline_cls=ToyPipeline,
+                       reuse=[tmp_path / "first"])
