@@ -42,7 +42,7 @@ from . import data, report, scoring
 from .geometry import save_prediction
 from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
 from .metrics import summarise as summarise_rows
-from .models import build_unet
+from .models import CLS_HEADS, build_unet
 from .synth import synthesize as synthesize_release
 from .transforms import SliceDataset, augmentation, preprocess
 
@@ -72,6 +72,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # add the pathology head ("cls")
         "dropout": 0.2,  # dropout of the classification head
+        "cls_head": "encoder",  # encoder (pooled encoder features) | morphology (shape of the predicted heart)
     },
     "eval": {
         "metric": "dice",  # dice | accuracy: what worst_group_metric / average_metric measure
@@ -135,7 +136,9 @@ class MMSPipeline(Pipeline):
 
     @cached_property
     def mcfg(self) -> dict[str, Any]:
-        return self.section("model")
+        m = self.section("model")
+        _check(m["cls_head"] in CLS_HEADS, "model.cls_head", f"'{m['cls_head']}' is not one of {', '.join(CLS_HEADS)}")
+        return m
 
     @cached_property
     def ecfg(self) -> dict[str, Any]:
@@ -273,7 +276,7 @@ class MMSPipeline(Pipeline):
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
         m = cfg["model"]
         return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
-                          dropout=m["dropout"], pretrained=m["pretrained"])
+                          dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
