@@ -158,8 +158,9 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
                dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder") -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
-    ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`). ``pretrained``: the encoder's ImageNet weights from the local cache (see
-    :func:`cached_encoder_weights`); never downloaded: when they are not cached, a UserError says what to do."""
+    ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
+    ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
+    downloaded: when they are not cached, a UserError says what to do."""
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
