@@ -210,5 +210,5 @@ def _benchmark(pairs: Mapping[str, Mapping[str, Any]]) -> None:
 if __name__ == "__main__":
     _benchmark({
         "teacher": {"encoder": "resnet18", "decoder_channels": (128, 64, 32, 16, 16)},  # configs/mms_teacher.yaml
-        "student": {"encoder": "tu-tf_mobilenetv3_small_minimal_100", "decoder_channels": (32, 16, 16, 8, 8)},  # mms
+        "student": {"encoder": "tu-tf_mobilenetv3_small_minimal_100", "decoder_channels": (32, 16, 16, 16, 16)},  # mms
     })

@@ -67,7 +67,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "model": {
         "encoder": "tu-tf_mobilenetv3_small_minimal_100",  # any smp encoder name, e.g. resnet18
-        "decoder_channels": [32, 16, 16, 8, 8],
+        "decoder_channels": [32, 16, 16, 16, 16],
         "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # add the pathology head ("cls")
