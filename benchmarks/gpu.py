@@ -11,7 +11,10 @@ Measures, on preloaded random batches already on the GPU (no data loading):
 - the share of step time the GPU is busy: the union of the CUDA kernel/memcpy intervals of profiled steps
   (``torch.profiler``) over the wall time of an unprofiled step;
 - ``groupdistil_over_kd_step`` on GPU (bf16 + channels_last) with the teacher's outputs cached (as the trainer
-  does for deterministic data: the strict case) and with the teacher forward in the step.
+  does for deterministic data: the strict case) and with the teacher forward in the step;
+- ``host_syncs``: whether a step of each variant runs without any host-device synchronisation
+  (``torch.cuda.set_sync_debug_mode("error")`` around a few steps after the warm-up: "none", or the first
+  synchronising call's message).
 
 Depends only on torch, torchvision and the engine's pure-torch parts (``groupdistil.methods``, ``.weighting``,
 ``.teacher``). ``groupdistil.losses`` imports MONAI for its Dice loss; where MONAI is absent a stand-in that fails
@@ -108,6 +111,24 @@ def make_batches(n: int, batch: int, size: int, device: torch.device) -> list[di
              "index": torch.arange(k * batch, (k + 1) * batch, device=device)} for k in range(n)]
 
 
+def host_syncs(variant: Variant, steps: int, device: torch.device) -> str | None:
+    """"none" when ``steps`` steps of ``variant`` ran with no host-device synchronisation (CUDA's sync debug mode
+    raises at the first one; its message is returned); ``None`` on the CPU dry run (nothing to check)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(steps):
+            variant.step(i)
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0][:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    return "none"
+
+
 def busy_seconds(variant: Variant, steps: int, device: torch.device) -> float | None:
     """Seconds per step during which the device runs work: the union of the profiler's device-event intervals
     (CUDA kernels, copies, memsets; on the CPU dry run: CPU ops) over ``steps`` profiled steps."""
@@ -180,6 +201,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
     t = interleaved({name: timer(v) for name, v in variants.items()}, args.repeats)
     busy = {name: busy_seconds(variants[name], args.profile_steps, device) for name in ("gd_fp32", "gd_bf16")}
+    syncs = {name: host_syncs(v, 3, device) for name, v in variants.items()}
     b = args.batch_size
     return {
         "images_per_s_fp32": b / median(t["gd_fp32"]),
@@ -190,6 +212,8 @@ def measure(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "groupdistil_over_kd_step": paired_ratio(t["gd_bf16_cached"], t["kd_bf16_cached"]),
         "groupdistil_over_kd_step_uncached": paired_ratio(t["gd_bf16"], t["kd_bf16"]),
         "step_ms": {name: round(median(v) * 1e3, 2) for name, v in t.items()},
+        "step_ms_spread": {name: [round(min(v) * 1e3, 2), round(max(v) * 1e3, 2)] for name, v in t.items()},
+        "host_syncs": syncs,
         "peak_memory_gib": peak,
     }
 

@@ -504,7 +504,7 @@ def _spatial_outputs(predict: Predictor) -> Callable[[torch.Tensor], dict[str, t
     sliding-window machinery carries them (one window per slice: the value comes back unchanged)."""
 
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = predict(x)
+        out = {k: v.to(x.device) for k, v in predict(x).items()}  # stitched where the windows come from (CPU)
         h, w = x.shape[-2:]
         return {k: v[:, :, None, None].expand(-1, -1, h, w).contiguous() if v.ndim == 2 else v
                 for k, v in out.items()}

@@ -342,3 +342,16 @@ def test_a_torchscript_teacher_distils_a_student(wb_root, wb_teacher, tmp_path, 
     code, err = run_main(capsys, "run", str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out",
                          str(tmp_path / "kd2"), "--method", "kd", "--teacher", str(scripted), *TINY)
     assert code == 2 and "a TorchScript teacher needs its input contract export.json beside it" in err
+
+
+def test_gpu_trainer_sync_check_runs_its_steps_on_cpu(wb_root, wb_teacher, tmp_path):
+    """``benchmarks/gpu_trainer_syncs.py`` (the GPU host-sync check of the real training step) cannot rot: its
+    ``--cpu-dry-run`` builds the same Trainer and runs the same steps without the CUDA check."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_trainer_syncs.py"),
+                        str(ROOT / "configs/waterbirds.yaml"), "--data-root", str(wb_root), "--out",
+                        str(tmp_path / "run"), "--teacher", str(wb_teacher), "--method", "groupdistil", "--steps", "2",
+                        "--cpu-dry-run", *[a for a in TINY[:-2] if a != "--max-steps"]],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["host_syncs"] is None and out["steps"] == 2 and out["seconds_per_step"] > 0
