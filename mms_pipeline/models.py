@@ -33,8 +33,11 @@ from groupdistil.errors import UserError
 from groupdistil.runtime import count_params
 
 
-#: the pathology heads (``model.cls_head``)
-CLS_HEADS = ("encoder", "morphology")
+#: the pathology heads (``model.cls_head``): ``indices`` (the default) decides from the clinical indices of the
+#: predicted segmentation after inference (:mod:`mms_pipeline.pathology`): the network has no classification output
+CLS_HEADS = ("indices", "encoder", "morphology")
+#: the heads that are part of the network (trained with a classification loss)
+NETWORK_CLS_HEADS = ("encoder", "morphology")
 
 
 class MorphologyHead(nn.Module):

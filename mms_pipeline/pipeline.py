@@ -7,7 +7,9 @@ ES volumes with MONAI's ``SliceInferer``, maps the class probabilities back to e
 ``Invertd``, takes the argmax and scores it there (:mod:`mms_pipeline.metrics`): per volume and phase, summarised
 per vendor and per centre. ``worst_group_metric`` is the lowest per-group mean (over structures and phases) Dice,
 ``average_metric`` the mean Dice over all volumes (``eval.metric: accuracy``: the same for the per-subject
-classification accuracy, the mean over ED and ES slices with predicted foreground of the slices' softmax).
+pathology accuracy). A subject's pathology comes, with ``model.cls_head: indices`` (the default), from the clinical
+indices of its predicted ED and ES masks (:mod:`mms_pipeline.pathology`); with a network head (``encoder``,
+``morphology``), from the mean softmax over its ED and ES slices with predicted foreground.
 
 Final evaluation files (``out_dir``): ``per_case.csv`` (test; ``per_case_val.csv`` for val) in the official column
 order plus HD95, clinical indices (on the ED row) and classification; predicted masks
@@ -42,7 +44,9 @@ from . import data, report, scoring
 from .geometry import save_prediction
 from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
 from .metrics import summarise as summarise_rows
-from .models import CLS_HEADS, build_unet
+from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
+from .pathology import IndexClassifier
+from .pathology import features as index_features
 from .synth import synthesize as synthesize_release
 from .transforms import SliceDataset, augmentation, preprocess
 
@@ -70,9 +74,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "decoder_channels": [32, 16, 16, 16, 16],
         "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
-        "classify": True,  # add the pathology head ("cls")
-        "dropout": 0.2,  # dropout of the classification head
-        "cls_head": "encoder",  # encoder (pooled encoder features) | morphology (shape of the predicted heart)
+        "classify": True,  # decide each subject's pathology (data.classes)
+        "dropout": 0.2,  # dropout of a network classification head
+        # indices: from the clinical indices of the predicted segmentation (no network head; mms_pipeline.pathology)
+        # | encoder (network head on pooled encoder features) | morphology (network head on the predicted shape)
+        "cls_head": "indices",
     },
     "eval": {
         "metric": "dice",  # dice | accuracy: what worst_group_metric / average_metric measure
@@ -213,11 +219,11 @@ class MMSPipeline(Pipeline):
                 segs.append(seg)
                 groups += [self.group_index(subject)] * len(x)
                 cases += [subject.code] * len(x)
-                if self.mcfg["classify"]:
+                if "cls" in self.heads:
                     classes += [self.class_index(subject)] * len(x)
         ds = SliceDataset(
             torch.cat(xs), torch.cat(segs), torch.tensor(groups, dtype=torch.long),
-            torch.tensor(classes, dtype=torch.long) if self.mcfg["classify"] else None,
+            torch.tensor(classes, dtype=torch.long) if "cls" in self.heads else None,
             augmentation(self.dcfg["flip"]) if self.dcfg["augment"] else None,
         )
         ds.cases = cases  # the subject of every slice (held out together)
@@ -230,6 +236,8 @@ class MMSPipeline(Pipeline):
     def train_dataset(self) -> SliceDataset:
         train = self._train_set
         self.load_eval_cases()
+        if self.classifies_by_indices:
+            self.index_classifier  # fitted (and its inputs checked) before the first step
         return train
 
     def load_eval_cases(self) -> None:
@@ -267,10 +275,48 @@ class MMSPipeline(Pipeline):
 
     @staticmethod
     def _heads(cfg: dict[str, Any]) -> dict[str, int]:
-        """Heads of the model of a config with filled sections: segmentation, and classification if asked."""
-        if cfg["model"]["classify"]:
+        """Heads of the network of a config with filled sections: segmentation, and classification when a network
+        head classifies (``model.cls_head`` encoder or morphology; ``indices`` classifies after inference)."""
+        m = cfg["model"]
+        if m["classify"] and m.get("cls_head", "indices") in NETWORK_CLS_HEADS:
             return {"seg": N_SEG, "cls": len(cfg["data"]["classes"])}
         return {"seg": N_SEG}
+
+    @property
+    def classifies_by_indices(self) -> bool:
+        return bool(self.mcfg["classify"]) and self.mcfg["cls_head"] == "indices"
+
+    @cached_property
+    def index_classifier(self) -> IndexClassifier:
+        """:class:`~mms_pipeline.pathology.IndexClassifier` fitted on the true clinical indices of the training
+        subjects (``model.cls_head: indices``)."""
+        from .metrics import clinical_indices
+
+        x, y = [], []
+        for s in self.splits["train"]:
+            gts, spacing = scoring.native_truth(s, data.load_volumes(s))
+            ind = clinical_indices(gts["ED"], gts["ES"], gts["ED"], gts["ES"], spacing, spacing)
+            f = index_features(ind)
+            if not np.isfinite(f).all():
+                raise UserError(f"subject {s.code}: its ground truth has an empty LV or RV at ED, so the pathology "
+                                f"classifier (model.cls_head: indices) cannot use it; set model.cls_head or "
+                                f"model.classify: false")
+            x.append(f)
+            y.append(self.class_index(s))
+        return IndexClassifier(len(self.dcfg["classes"])).fit(np.stack(x), y)
+
+    def classify_rows(self, subject: data.Subject, rows: list[dict[str, Any]],
+                      probs: torch.Tensor | None = None) -> None:
+        """Add ``cls_correct``, ``Pathology`` and ``cls_pred`` to the subject's ED row: from the slice probabilities
+        ``probs (Z, K)`` of a network head, or (``cls_head: indices``) from the row's clinical indices."""
+        if probs is not None:
+            predicted = int(probs.mean(0).argmax())
+        elif self.classifies_by_indices:
+            predicted = int(self.index_classifier.predict(index_features(rows[0]))[0])
+        else:
+            return
+        rows[0].update({"cls_correct": float(predicted == self.class_index(subject)), "Pathology": subject.pathology,
+                        "cls_pred": self.dcfg["classes"][predicted]})
 
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
@@ -287,7 +333,8 @@ class MMSPipeline(Pipeline):
             "spacing_mm": list(d["spacing"]), "roi": list(d["roi"]),
             "resampling": "in-plane only (MONAI Spacingd, pixdim (sx, sy, -1)), bilinear; then centre crop/pad",
             "intensity": f"per volume: clip to percentiles {list(d['intensity_percentiles'])}, scale to [0, 1]",
-            "outputs": {"seg": dict(data.LABELS), "cls": list(d["classes"])},
+            "outputs": {"seg": dict(data.LABELS), **({"cls": list(d["classes"])}
+                                                      if "cls" in cls._heads(cls.with_defaults(cfg)) else {})},
         }
 
     # --- evaluation -----------------------------------------------------------------------------------------------
@@ -352,11 +399,7 @@ class MMSPipeline(Pipeline):
                 img = nib.load(s.image)
                 save_prediction(pred_dir / scoring.file_name(s, phase, "groupdistil"), pred, img.affine, img.header)
         rows = scoring.subject_rows(s, preds, {ph: pc.gt for ph, pc in case.phases.items()}, case.spacing)
-        if cls_probs:
-            predicted = int(torch.cat(cls_probs).mean(0).argmax())
-            truth = self.class_index(s)
-            rows[0].update({"cls_correct": float(predicted == truth), "Pathology": s.pathology,
-                            "cls_pred": self.dcfg["classes"][predicted]})
+        self.classify_rows(s, rows, torch.cat(cls_probs) if cls_probs else None)
         return {"rows": rows, "seconds": seconds / len(case.phases)}
 
     def run_split(self, predict: Predictor, split: str,
@@ -385,7 +428,8 @@ class MMSPipeline(Pipeline):
         if per_subject:
             acc_by_group = _group_means(per_subject, key, lambda r: r["cls_correct"])
             acc_by_vendor = _group_means(per_subject, "Vendor", lambda r: r["cls_correct"])
-            out.update({"cls_acc": float(np.mean([r["cls_correct"] for r in per_subject])),
+            out.update({"cls_from": self.mcfg["cls_head"],
+                        "cls_acc": float(np.mean([r["cls_correct"] for r in per_subject])),
                         "cls_acc_by_group": acc_by_group, "cls_acc_by_vendor": acc_by_vendor,
                         "worst_vendor_cls_acc": min(acc_by_vendor.values())})
         if self.ecfg["metric"] == "accuracy":
@@ -424,10 +468,13 @@ class MMSPipeline(Pipeline):
         returns :meth:`summarise` of the rows plus ``naming`` (``groupdistil`` or ``nnunet``)."""
         if split not in ("val", "test"):
             raise UserError(f"unknown split '{split}'; valid: val, test")
-        if self.ecfg["metric"] != "dice":
-            raise UserError(f"eval.metric is '{self.ecfg['metric']}' (pathology classification), which label maps "
-                            f"cannot score; evaluate with a config of eval.metric: dice")
+        if self.ecfg["metric"] != "dice" and not self.classifies_by_indices:
+            raise UserError(f"eval.metric is '{self.ecfg['metric']}' (pathology classification) with "
+                            f"model.cls_head {self.mcfg['cls_head']}, which label maps cannot score; evaluate with "
+                            f"eval.metric: dice, or model.cls_head: indices (pathology from the maps' indices)")
         rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split)
+        for i, subject in enumerate(self.splits[split]):  # rows: ED then ES of each subject, in order
+            self.classify_rows(subject, rows[2 * i:2 * i + 2])
         name = report.PER_CASE_FILE if split == "test" else f"per_case_{split}.csv"
         write_per_case_csv(Path(out_dir) / name, rows)
         if split == "test":

@@ -270,6 +270,16 @@ def _present(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]]
     return [c for c in columns if any(summary[g].get(c[1], {}).get("n") for g in groups)]
 
 
+#: how a subject's pathology was decided (``metrics.json`` ``cls_from``, the run's ``model.cls_head``)
+CLS_SOURCES = {
+    "indices": "from the clinical indices of the predicted ED and ES masks: LV/RV volumes, EF, LV mass, with a "
+               "classifier fitted on the training subjects' true indices",
+    "encoder": "from the network's head on pooled encoder features, mean softmax over the slices with foreground",
+    "morphology": "from the network's head on the predicted heart's shape, mean softmax over the slices with "
+                  "foreground",
+}
+
+
 def _vendor_section(doc: Doc, ev: Mapping[str, Any], title: str) -> None:
     doc.heading(title)
     by_vendor = ev.get("by_vendor")
@@ -289,7 +299,8 @@ def _vendor_section(doc: Doc, ev: Mapping[str, Any], title: str) -> None:
     doc.table(*_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
                             extra={"cls accuracy": cls} if cls else None))
     if ev.get("worst_vendor_cls_acc") is not None:
-        doc.para(f"Worst-vendor classification accuracy: {fmt(ev.get('worst_vendor_cls_acc'))}.")
+        how = CLS_SOURCES.get(ev.get("cls_from", "encoder"), "")
+        doc.para(f"Worst-vendor pathology accuracy: {fmt(ev.get('worst_vendor_cls_acc'))} (per subject; {how}).")
     doc.table(*_group_table(by_vendor, _present(by_vendor, _distance_columns()), "Vendor", show_excluded=True))
     clinical = _present(by_vendor, _clinical_columns())
     if clinical:

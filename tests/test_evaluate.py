@@ -21,15 +21,16 @@ from groupdistil.cli import main
 from mms_pipeline import scoring
 from mms_pipeline.data import PHASES
 from mms_pipeline.geometry import save_prediction
+from mms_pipeline.pathology import features as index_features
 from mms_pipeline.metrics import DISTANCE_METRICS, STRUCTURES, read_per_case_csv
 from mms_pipeline.pipeline import MMSPipeline
 from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--set", "data.roi=[64, 64]", "--set", "train.batch_size=8", "--set", "model.encoder=resnet18",
-            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]", "--max-steps", "4", "--set", "train.num_threads=1",
-            "--set", "model.classify=false", "--set", "loss.heads=null"]
-# label maps carry no pathology: a run without the classification head is reproduced column for column
+            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]", "--max-steps", "4", "--set", "train.num_threads=1"]
+# the default pathology head (model.cls_head: indices) reads the label maps' clinical indices, so a run's
+# classification columns are reproduced from its predictions too
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,13 @@ def test_ground_truth_scores_dice_1_and_distance_0(mms_root: Path, truth_dir: Pa
     assert ev["worst_group_metric"] == 1.0 and ev["average_metric"] == 1.0 and ev["naming"] == "groupdistil"
     assert set(ev["by_vendor"]) >= {"A", "B", "C", "D", "worst"} and set(ev["by_centre"]) > {"worst"}
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["pipeline"] == "mms"
+    # pathology from the clinical indices of the label maps (model.cls_head: indices, the default): the classifier
+    # fitted on the training subjects' true indices, applied to the (here perfect) predicted indices
+    pipe = MMSPipeline(MMSPipeline.with_defaults({"pipeline": "mms"}), mms_root)
+    ed = [r for r in rows if r["ED/ES"] == "ED"]
+    want = [pipe.dcfg["classes"][int(pipe.index_classifier.predict(index_features(r))[0])] for r in ed]
+    assert [r["cls_pred"] for r in ed] == want and all(r["Pathology"] for r in ed)
+    assert ev["cls_acc"] == pytest.approx(np.mean([r["cls_correct"] for r in ed]))
     md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     assert "scored predictions" in md and "bootstrap intervals" in md and "1.000 [1.000, 1.000]" in md
     assert "worst vendor" in page and (out / "examples.npz").is_file()

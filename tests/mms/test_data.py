@@ -248,12 +248,21 @@ def test_class_mapping(mms_pipeline: MMSPipeline, mms_root: Path, make_pipeline)
 
 
 # --- training set ----------------------------------------------------------------------------------------------------
+def test_network_head_slices_carry_their_subjects_class(mms_root: Path, make_pipeline) -> None:
+    p = make_pipeline(mms_root, model={"cls_head": "encoder"})
+    ds = p.train_dataset()
+    assert p.heads == {"seg": 4, "cls": 4} and ds[(5, 0)]["cls"].shape == ()
+    subject = next(s for s in p.splits["train"] if s.code == ds.cases[5])
+    assert int(ds[(5, 0)]["cls"]) == p.class_index(subject)
+
+
 def test_items_and_key_determinism(mms_pipeline: MMSPipeline) -> None:
     ds = mms_pipeline.train_dataset()
     a, b, c = ds[(5, 123)], ds[(5, 123)], ds[(5, 124)]
     assert a["x"].shape == (1, 64, 64) and a["x"].dtype == torch.float32
     assert a["seg"].shape == (1, 64, 64) and a["seg"].dtype == torch.long and int(a["seg"].max()) <= 3
-    assert a["cls"].shape == () and a["group"].shape == () and int(a["index"]) == 5
+    assert "cls" not in a  # the default pathology head (indices) is not part of the network
+    assert a["group"].shape == () and int(a["index"]) == 5
     for k in a:
         assert torch.equal(a[k], b[k])
     assert not torch.equal(a["x"], c["x"])
@@ -272,9 +281,10 @@ def test_no_augmentation_gives_the_cached_slice(mms_root: Path, make_pipeline) -
 # --- models and inference ----------------------------------------------------------------------------------------
 def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> None:
     p = mms_pipeline
-    net = p.model_for({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8]}})
+    net = p.model_for({"model": {"encoder": "resnet18", "decoder_channels": [32, 16, 16, 8, 8], "cls_head": "encoder"}})
     out = net(torch.zeros(2, 1, 64, 64))
     assert out["seg"].shape == (2, 4, 64, 64) and out["cls"].shape == (2, 4)
+    assert set(p.model_for({"model": {}}).eval()(torch.zeros(1, 1, 32, 32))) == {"seg"}  # indices: no network head
     with pytest.raises(UserError, match="cannot be downloaded offline"):
         p.model_for({"model": {"pretrained": True}})
     with pytest.raises(UserError, match="unknown encoder 'nonet'"):
@@ -287,11 +297,15 @@ def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> 
 
 def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipeline) -> None:
     case = mms_pipeline.case("test", 0)
-    model = mms_pipeline.model_for({"model": {}}).eval()
-    for pc in case.phases.values():
-        labels, cls, seconds = mms_pipeline.predict_volume(model, pc.image)
-        assert labels.shape == pc.gt.shape and labels.dtype == np.uint8 and seconds > 0
-        assert cls.ndim == 2 and cls.shape[1] == 4 and torch.allclose(cls.sum(1), torch.ones(len(cls)))
+    for head in ("indices", "encoder"):
+        model = mms_pipeline.model_for({"model": {"cls_head": head}}).eval()
+        for pc in case.phases.values():
+            labels, cls, seconds = mms_pipeline.predict_volume(model, pc.image)
+            assert labels.shape == pc.gt.shape and labels.dtype == np.uint8 and seconds > 0
+            if head == "indices":  # decided from the label map's clinical indices, after inference
+                assert cls is None
+            else:
+                assert cls.ndim == 2 and cls.shape[1] == 4 and torch.allclose(cls.sum(1), torch.ones(len(cls)))
 
 
 def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:

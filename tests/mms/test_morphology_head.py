@@ -43,5 +43,5 @@ def test_the_classification_loss_never_reaches_the_segmentation_network():
 def test_encoder_head_is_still_smps_and_unknown_heads_are_refused():
     net = build_unet("resnet18", (32, 16, 16, 8, 8), {"seg": 4, "cls": 3})
     assert net.morphology is None and net(torch.randn(1, 1, 64, 64))["cls"].shape == (1, 3)
-    with pytest.raises(UserError, match="model.cls_head: unknown head 'pixels'; valid: encoder, morphology"):
+    with pytest.raises(UserError, match="model.cls_head: unknown head 'pixels'; valid: indices, encoder, morphology"):
         build_unet("resnet18", (32, 16, 16, 8, 8), {"seg": 4, "cls": 3}, cls_head="pixels")
