@@ -134,6 +134,15 @@ def load_model_from_checkpoint(path: str | Path, pipeline_cls: Any, what: str = 
 
 
 # --- model.init_from: start a model from the weights of a run, a checkpoint or a plain state dict -------------
+def weights_identity(path: str | Path) -> str:
+    """What ``model.init_from`` loads, by content: ``sha256:<16 hex>`` of the file (a run folder's selected
+    checkpoint), recorded in the run's ``config.yaml`` (``run.init_from``) so that other starting weights make
+    another run wherever the file lies."""
+    from .io import file_digest
+
+    return f"sha256:{file_digest(resolve_checkpoint(path, 'model.init_from'))[:16]}"
+
+
 #: the first this many mismatching tensors are named in the error of :func:`init_from`
 _SHOWN = 5
 

@@ -53,8 +53,11 @@ class Trainer:
     """Trains one run described by a resolved config into ``run_dir``."""
 
     def __init__(self, cfg: dict[str, Any], pipeline_cls: type[Pipeline], data_root: Path, run_dir: Path,
-                 teacher_path: str | None = None, force: bool = False) -> None:
+                 teacher_path: str | None = None, force: bool = False, init_path: str | None = None) -> None:
         """Check everything (teacher, data, sizes) before anything is written; ``cfg`` is copied, never changed.
+
+        ``init_path``: the weights ``model.init_from`` names when the config holds a symbolic name (an experiment's
+        ``pretrain:<name>``, resolved by ``groupdistil compare``); by default ``model.init_from`` itself.
 
         Process-wide setup (process group, threads, deterministic kernels) is :func:`runtime.setup_process`'s, done
         once by the caller.
@@ -103,6 +106,14 @@ class Trainer:
         self.cfg["run"] = {"data_fingerprint": self.pipeline.fingerprint(),
                            "teacher": (f"{teacher_ck.get('run_hash')}@step{teacher_ck.get('step')}"
                                        if self.uses_teacher else None)}
+        self.init_path = init_path or (cfg.get("model") or {}).get("init_from")
+        if self.init_path:  # the starting weights by content: a changed weights file is another run
+            from .checkpoint import weights_identity
+            if str(self.init_path).startswith("pretrain:") and not init_path:
+                raise UserError(f"model.init_from = {self.init_path!r} names a pretraining run of an experiment file "
+                                f"(its 'pretrain' section, resolved by groupdistil compare); give a run folder or "
+                                f"a weights file here")
+            self.cfg["run"]["init_from"] = weights_identity(self.init_path)
 
     def check_teacher_heads(self, teacher_path: str) -> None:
         """The teacher must give logits of the same number of classes for every head the student is trained on."""
@@ -153,7 +164,7 @@ class Trainer:
             raise UserError(f"loss.heads names {unknown}, which the {self.pipeline.name} model does not have; "
                             f"valid: {sorted(self.pipeline.heads)}")
         self.student = self.pipeline.model_for(self.cfg)
-        init = self.cfg.get("model", {}).get("init_from")
+        init = self.init_path
         if init and not (self.run_dir / "checkpoints" / "last.pt").is_file():  # a resumed run has its own weights
             from .checkpoint import init_from
             log(init_from(self.student, init))

@@ -63,7 +63,7 @@ class ToyPipeline(Pipeline):
     name = "toy"
     defaults: dict[str, dict[str, Any]] = {"data": {"n_train": 192, "augment": False,
                                                     "group_props": [0.7, 0.2, 0.1], "shuffle_groups": False},
-                                           "model": {"width": 8, "n_cls": 2}, "eval": {}}
+                                           "model": {"width": 8, "n_cls": 2, "init_from": None}, "eval": {}}
     run_outputs = ("toy_*.json",)
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import check_ranges, config_schema, deep_merge, resolve_config, select_method_args, validate
+from ..errors import UserError
 from ..pipeline import Pipeline
-from .schema import Experiment
+from .schema import PRETRAIN_PREFIX, Experiment
 
 
 def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -60,6 +61,7 @@ class RunSpec:
     run_dir: Path
     data_root: Path
     teacher_dir: Path | None = None
+    init_dir: Path | None = None  # the pretraining run whose weights model.init_from (pretrain:<name>) names
     result: dict[str, float] = field(default_factory=dict)  # test metrics, filled after training
     groups: list[str] = field(default_factory=list)  # group names in index order, filled after training
 
@@ -74,8 +76,39 @@ class RunSpec:
         return " ".join(filter(None, [self.method, label(self.params, " ")]))
 
 
+PRETRAIN = "pretrain"  # RunSpec.method of a pretraining run
+
+
+def plan_pretraining(exp: Experiment, out: Path, pipeline_cls: type[Pipeline]) -> list[RunSpec]:
+    """The runs of the experiment's ``pretrain`` section, in ``OUT/pretrain/<name>`` (none without it)."""
+    pre = exp.pretrain
+    if pre is None:
+        return []
+    src = f"{exp.path}: key 'pretrain'"
+    specs = []
+    for name, over in pre.models.items():
+        cfg = resolve_config(pre.config, deep_merge(deep_merge(nest(pre.set), nest(over)), {"seed": pre.seed}),
+                             pipeline_cls, src)
+        specs.append(RunSpec(PRETRAIN, pre.seed, {PRETRAIN: name}, {}, cfg, out / PRETRAIN / name,
+                             pre.data_root.resolve()))
+    return specs
+
+
+def _init_dir(cfg: dict[str, Any], exp: Experiment, out: Path, where: str) -> Path | None:
+    """The pretraining run folder that ``model.init_from: pretrain:<name>`` of ``cfg`` names (None otherwise)."""
+    init = (cfg.get("model") or {}).get("init_from")
+    if not (isinstance(init, str) and init.startswith(PRETRAIN_PREFIX)):
+        return None
+    name = init[len(PRETRAIN_PREFIX):]
+    names = list(exp.pretrain.models) if exp.pretrain is not None else []
+    if name not in names:
+        raise UserError(f"{exp.path}: key '{where}': model.init_from {init!r} names no pretraining run of this "
+                        f"experiment; valid: {', '.join(PRETRAIN_PREFIX + n for n in names) or '(no pretrain section)'}")
+    return out / PRETRAIN / name
+
+
 def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pipeline]) -> list[RunSpec]:
-    """Every run of the grid, each data level's teacher first, then students seed by seed."""
+    """Every run of the grid: the pretraining runs, then each data level's teacher, then students seed by seed."""
     from ..methods import METHODS
 
     src = str(exp.path)
@@ -90,13 +123,14 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
         for tm in exp.teacher_methods or [""]:
             over = deep_merge(nest(exp.teacher_set), {"seed": exp.teacher_seed, **({"method": tm} if tm else {})})
             teachers[tm] = resolve_config(exp.teacher_config, over, pipeline_cls, f"{src}: key 'teacher_set'")
-    specs: list[RunSpec] = []
+    specs: list[RunSpec] = plan_pretraining(exp, out, pipeline_cls)
     for level in expand_grid(exp.data_sweep):
         root, lout = (data_root / label(level), out / label(level)) if level else (data_root, out)
         tdirs = {tm: lout / (f"teacher={tm}" if tm else "teacher") for tm in teachers}
         for tm, tcfg in teachers.items():
             specs.append(RunSpec("teacher", exp.teacher_seed, {"teacher": tm} if tm else {}, level,
-                                 copy.deepcopy(tcfg), tdirs[tm], root))
+                                 copy.deepcopy(tcfg), tdirs[tm], root,
+                                 init_dir=_init_dir(tcfg, exp, out, "teacher_set")))
         for seed in exp.seeds:
             for method in exp.methods:
                 needs = METHODS.get(method).needs_teacher
@@ -108,5 +142,5 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
                         p = {**params, "teacher": tm} if tm else params
                         name = "__".join(filter(None, [method, label(p), f"seed={seed}"]))
                         specs.append(RunSpec(method, seed, p, level, copy.deepcopy(cfg), lout / "runs" / name, root,
-                                             tdirs[tm] if needs else None))
+                                             tdirs[tm] if needs else None, _init_dir(cfg, exp, out, "set")))
     return specs

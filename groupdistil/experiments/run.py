@@ -16,7 +16,7 @@ from ..config import load_yaml
 from ..errors import UserError
 from ..pipeline import Pipeline, get_pipeline, synthesize_data, synthetic_incomplete
 from ..rundir import FolderLock
-from .plan import RunSpec, plan_runs
+from .plan import PRETRAIN, RunSpec, plan_runs
 from .report import Writer
 from .schema import Experiment, load_experiment
 from .summary import WORST, read_results
@@ -26,16 +26,21 @@ def say(msg: str) -> None:
     print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare_data(exp: Experiment, root: Path, level: dict[str, Any], pipeline_cls: type[Pipeline]) -> None:
-    """Synthesise a missing data root (always for a data-sweep level); an interrupted synthesis is redone."""
+def prepare_data(exp: Experiment, spec: RunSpec, pipeline_cls: type[Pipeline]) -> None:
+    """Synthesise a missing data root (always for a data-sweep level and for the pretraining data); an interrupted
+    synthesis is redone."""
+    root = spec.data_root
     if root.exists() and not synthetic_incomplete(root):
         return
-    if not (level or exp.synthesize_if_missing):
+    if spec.method == PRETRAIN and exp.pretrain is not None:
+        seed, options, key = exp.pretrain.data_seed, exp.pretrain.data_options, "pretrain.data option"
+    elif spec.level or exp.synthesize_if_missing:
+        seed, options, key = exp.data_seed, {**exp.data_options, **spec.level}, "data option"
+    else:
         raise UserError(f"{root}: data root does not exist (set data.synthesize_if_missing: true in {exp.path}, "
                         f"or make one with 'groupdistil synth {pipeline_cls.name} --out {root}')")
-    options = {**exp.data_options, **level}
-    say(f"synthesising {pipeline_cls.name} data into {root} (seed {exp.data_seed}, options {options})")
-    synthesize_data(pipeline_cls, root, exp.data_seed, options, force=True, source=f"{exp.path}: data option")
+    say(f"synthesising {pipeline_cls.name} data into {root} (seed {seed}, options {options})")
+    synthesize_data(pipeline_cls, root, seed, options, force=True, source=f"{exp.path}: {key}")
 
 
 class Reusable:
@@ -93,7 +98,8 @@ def train_one(spec: RunSpec, pipeline_cls: type[Pipeline], reuse: Reusable | Non
     if threads > 0 and spec.cfg["train"]["num_threads"] == 0:
         torch.set_num_threads(threads)
     teacher = str(spec.teacher_dir) if spec.teacher_dir is not None else None
-    trainer = Trainer(copy.deepcopy(spec.cfg), pipeline_cls, spec.data_root, spec.run_dir, teacher)
+    init = str(spec.init_dir) if spec.init_dir is not None else None
+    trainer = Trainer(copy.deepcopy(spec.cfg), pipeline_cls, spec.data_root, spec.run_dir, teacher, init_path=init)
     src = reuse.place(trainer) if reuse is not None else None
     metrics = trainer.run()
     return metrics, (f"reused from {src}" if src is not None else "")
@@ -152,7 +158,7 @@ def train_all(exp: Experiment, specs: list[RunSpec], pipeline_cls: type[Pipeline
     ready: set[Path] = set()
     for spec in specs:  # data first: synthesis is not shared between processes
         if spec.data_root not in ready:
-            prepare_data(exp, spec.data_root, spec.level, pipeline_cls)
+            prepare_data(exp, spec, pipeline_cls)
             ready.add(spec.data_root)
     prog = _Progress(specs, out, jobs)
     if jobs <= 1:
@@ -183,7 +189,7 @@ def _train_parallel(specs: list[RunSpec], pipeline_cls: type[Pipeline], out: Pat
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         running: dict[cf.Future, RunSpec] = {}
         while pending or running:
-            for spec in [s for s in pending if s.teacher_dir is None or s.teacher_dir in done]:
+            for spec in [s for s in pending if all(d is None or d in done for d in (s.teacher_dir, s.init_dir))]:
                 if len(running) >= jobs or errors:
                     break
                 pending.remove(spec)
@@ -232,7 +238,8 @@ def run_comparison(experiment: str | Path, data_root: str | Path, out: str | Pat
     with FolderLock(out, "comparison"):
         train_all(exp, specs, pipeline_cls, out, jobs,
                   Reusable([Path(r).resolve() for r in reuse]) if reuse else None)
-        groups = read_results(specs)
-        path = Writer(exp, pipeline_cls, specs, groups, out).write()
+        compared = [s for s in specs if s.method != PRETRAIN]  # pretraining runs are inputs, not results
+        groups = read_results(compared)
+        path = Writer(exp, pipeline_cls, compared, groups, out).write()
     say(f"report: {path}")
     return path

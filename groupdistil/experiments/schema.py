@@ -20,6 +20,14 @@ Experiment YAML (relative paths resolve against the current working directory)::
       options: {}                                   # fixed synthesize() options
       sweep: {minority_scale: [1.0, 0.25, 0.05]}    # data levels DATA_ROOT/<option>=<value>, each with its own teacher
     metric_note: "..."                              # what the metrics mean (default: the pipeline's metric_note)
+    pretrain:                                       # optional: pretraining runs, trained once, in OUT/pretrain/<name>
+      config: configs/waterbirds_teacher.yaml       # run config of every pretraining run
+      data_root: data/waterbirds_pretrain           # its data; synthesised when missing (data.seed, data.options)
+      data: {seed: 0, options: {corpus: pretrain}}
+      seed: 0
+      set: {train.max_steps: 2000}                  # overrides for every pretraining run
+      models: {resnet50: {model.arch: resnet50}}    # name -> overrides; runs start from one with
+                                                    # set / teacher_set {model.init_from: pretrain:<name>}
 
 ``set``/``sweep``/``teacher_set`` keys are checked against the run-config schema when the runs are planned
 (:func:`groupdistil.experiments.plan.plan_runs`); ``seed`` and ``pipeline`` (and ``method`` for students) are set by
@@ -39,9 +47,26 @@ EXPERIMENT_SCHEMA: dict[str, Any] = {
     "student_config": "", "teacher_config": "", "methods": [], "seeds": [0], "teacher_seed": 0, "teacher_methods": [],
     "set": {}, "teacher_set": {}, "sweep": {}, "sweep_methods": [], "pairs": [], "metric_note": "",
     "data": {"synthesize_if_missing": False, "seed": 0, "options": {}, "sweep": {}},
+    "pretrain": {"config": "", "data_root": "", "seed": 0, "set": {}, "models": {},
+                 "data": {"seed": 0, "options": {}}},
 }
-_FREE = {("set",), ("teacher_set",), ("sweep",), ("data", "options"), ("data", "sweep")}  # keys not checked
+_FREE = {("set",), ("teacher_set",), ("sweep",), ("data", "options"), ("data", "sweep"),  # keys not checked
+         ("pretrain", "set"), ("pretrain", "models"), ("pretrain", "data", "options")}
+PRETRAIN_PREFIX = "pretrain:"  # model.init_from: pretrain:<name> -> the pretraining run <name> of the experiment
 _RESERVED = {"seed", "pipeline", "groups", "run"}  # set by the experiment or by the run itself
+
+
+@dataclass
+class Pretrain:
+    """The ``pretrain`` section: one run per entry of ``models``, each trained once into ``OUT/pretrain/<name>``."""
+
+    config: Path
+    data_root: Path
+    data_seed: int
+    data_options: dict[str, Any]
+    seed: int
+    set: dict[str, Any]
+    models: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -65,6 +90,9 @@ class Experiment:
     data_options: dict[str, Any]
     data_sweep: dict[str, list[Any]]
     metric_note: str
+    pretrain: Pretrain | None = None
+
+
 def _check_schema(raw: dict[str, Any], src: str, schema: dict[str, Any] = EXPERIMENT_SCHEMA,
                   prefix: tuple[str, ...] = ()) -> None:
     """Keys and value types of the experiment file (inside free mappings only that they are mappings)."""
@@ -147,6 +175,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if teacher_methods and teacher is None:
         raise UserError(f"{src}: key 'teacher_methods' needs 'teacher_config'")
     d = e["data"]
+    pretrain = _pretrain(src, e["pretrain"]) if raw.get("pretrain") else None
     return Experiment(
         path=Path(path), student_config=Path(e["student_config"]), teacher_config=Path(teacher) if teacher else None,
         methods=methods, seeds=list(seeds), teacher_seed=e["teacher_seed"],
@@ -157,4 +186,20 @@ def load_experiment(path: str | Path) -> Experiment:
         sweep_methods=sweep_methods, pairs=pairs, synthesize_if_missing=d["synthesize_if_missing"],
         data_seed=d["seed"], data_options=dict(d["options"] or {}),
         data_sweep=_grid(src, "data.sweep", d["sweep"] or {}),
-        metric_note=e["metric_note"])
+        metric_note=e["metric_note"], pretrain=pretrain)
+
+
+def _pretrain(src: str, pre: dict[str, Any]) -> Pretrain:
+    for key in ("config", "data_root", "models"):
+        if not pre[key]:
+            raise UserError(f"{src}: missing key 'pretrain.{key}'")
+    models: dict[str, dict[str, Any]] = {}
+    for name, over in pre["models"].items():
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise UserError(f"{src}: key 'pretrain.models': the name {name!r} must be letters, digits, '-' or '_'")
+        if over is not None and not isinstance(over, dict):
+            raise UserError(f"{src}: key 'pretrain.models.{name}' must be a mapping of overrides, got {over!r}")
+        models[name] = _overrides(src, f"pretrain.models.{name}", over or {}, _RESERVED | {"method"})
+    return Pretrain(config=Path(pre["config"]), data_root=Path(pre["data_root"]), data_seed=pre["data"]["seed"],
+                    data_options=dict(pre["data"]["options"] or {}), seed=pre["seed"],
+                    set=_overrides(src, "pretrain.set", pre["set"] or {}, _RESERVED | {"method"}), models=models)

@@ -351,3 +351,51 @@ def test_reuse_copies_only_runs_with_the_very_same_config(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="the comparison folder itself"):
         run_comparison(first, tmp_path / "data", tmp_path / "first", pipeline_cls=ToyPipeline,
                        reuse=[tmp_path / "first"])
+
+
+def test_pretraining_stage_runs_once_and_its_weights_start_teacher_and_students(tmp_path, monkeypatch):
+    """An experiment's ``pretrain`` section: each model is pretrained once into OUT/pretrain/<name> on its own data
+    (synthesised), the teacher and students named by ``model.init_from: pretrain:<name>`` start from its weights
+    (identified by content in their config), and a rerun trains nothing."""
+    torch.set_num_threads(1)
+    exp = write_experiment(tmp_path, seeds=[0], methods=["erm", "kd"],
+                           set={"model.init_from": "pretrain:net"}, teacher_set={"model.init_from": "pretrain:net"},
+                           pretrain={"config": str(tmp_path / "toy.yaml"), "data_root": str(tmp_path / "corpus"),
+                                     "data": {"seed": 7}, "set": {"train.max_steps": 2},
+                                     "models": {"net": {"model.width": 4}}})
+    starts: list[tuple[str, str | None]] = []
+    init = Trainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        starts.append((self.run_dir.name, self.init_path and Path(self.init_path).name))
+
+    monkeypatch.setattr(Trainer, "__init__", recording_init)
+    run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)
+    out = tmp_path / "out"
+    assert starts == [("net", None), ("teacher", "net"), ("erm__seed=0", "net"), ("kd__seed=0", "net")]
+    assert (tmp_path / "corpus").is_dir() and (out / "pretrain" / "net" / "metrics.json").is_file()
+    pre_cfg = yaml.safe_load((out / "pretrain" / "net" / "config.yaml").read_text())
+    assert pre_cfg["train"]["max_steps"] == 2 and pre_cfg["model"]["init_from"] is None
+    for run in ("teacher", "runs/erm__seed=0"):
+        cfg = yaml.safe_load((out / run / "config.yaml").read_text())
+        assert cfg["model"]["init_from"] == "pretrain:net" and cfg["run"]["init_from"].startswith("sha256:")
+    rows = read_csv(out / "runs.csv")
+    assert {r["method"] for r in rows} == {"teacher", "erm", "kd"}  # pretraining runs are inputs, not results
+    # the student's first weights are the pretrained ones (same architecture, all tensors loaded)
+    pre = torch.load(out / "pretrain/net/checkpoints/best.pt", weights_only=True)["model"]
+    net = CaseToy.model_for(yaml.safe_load((out / "runs/erm__seed=0/config.yaml").read_text()))
+    from groupdistil.checkpoint import init_from
+    assert "0 missing" in init_from(net, out / "pretrain" / "net")
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in pre.items())
+
+    starts.clear()
+    run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)  # nothing to train again
+    done = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    assert all(p.stat().st_mtime_ns == done[p.parent.name] for p in out.rglob("metrics.json"))
+
+    bad = write_experiment(tmp_path, set={"model.init_from": "pretrain:other"}, methods=["erm"],
+                           pretrain={"config": str(tmp_path / "toy.yaml"), "data_root": str(tmp_path / "corpus"),
+                                     "models": {"net": {}}})
+    with pytest.raises(UserError, match="names no pretraining run of this experiment; valid: pretrain:net"):
+        plan.plan_runs(schema.load_experiment(bad), tmp_path / "data", tmp_path / "out2", CaseToy)
