@@ -56,7 +56,8 @@ ENGINE_DEFAULTS: dict[str, Any] = {
         "device": "auto",  # auto | cpu | cuda
         "amp": True,  # bf16 autocast on CUDA (ignored on CPU)
         "channels_last": True,  # on CUDA
-        "selection": "worst_group",  # model selection on validation: worst_group | average (needs no group labels)
+        # model selection on validation: worst_group | average | worst_class (the last two need no group labels)
+        "selection": "worst_group",
         "tensorboard": False,  # TensorBoard event files in RUN_DIR/tensorboard (pip install -e '.[tracking]')
         "teacher_cache": "auto",  # auto: cache teacher outputs when training inputs are deterministic | off
     },
@@ -180,6 +181,10 @@ def validate(cfg: dict[str, Any], schema: dict[str, Any], source: str, prefix: t
         elif not _type_ok(default, value):
             raise UserError(f"{source}: config key '{dotted}' must be of type {type(default).__name__} "
                             f"(default {default!r}), got {value!r}")
+
+
+#: ``train.selection``: what model selection maximises on the validation split
+SELECTIONS = ("worst_group", "average", "worst_class")
 
 
 def config_hash(cfg: dict[str, Any], exclude: tuple[str, ...] = ("run",)) -> str:
@@ -330,7 +335,7 @@ RANGES: list[tuple[str, Any, str]] = [
     ("train.num_threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
     ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
     ("train.teacher_cache", lambda v: v in ("auto", "off"), "auto or off"),
-    ("train.selection", lambda v: v in ("worst_group", "average"), "worst_group or average"),
+    ("train.selection", lambda v: v in SELECTIONS, "worst_group, average or worst_class"),
     ("grouping.mode", lambda v: v in ("labels", "error", "kmeans"), "labels, error or kmeans"),
     ("grouping.k", lambda v: v >= 2, ">= 2"),
     ("grouping.seed", lambda v: v >= 0, ">= 0"),

@@ -291,10 +291,12 @@ class Trainer:
     def validate(self, step: int) -> None:
         m = self.pipeline.evaluate(self.runtime.predictor(self.student), "val")  # every rank: evaluation is sharded
         if self.main:
-            score = float(m["worst_group_metric" if self.t["selection"] == "worst_group" else "average_metric"])
             rec = {"step": step, "worst_group_metric": float(m["worst_group_metric"]),
                    "average_metric": float(m["average_metric"]),
                    "group_metric": {g: float(v) for g, v in m["group_metric"].items()}}
+            if "class_metric" in m:
+                rec["class_metric"] = {c: float(v) for c, v in m["class_metric"].items()}
+            score = selection_score(rec, self.t["selection"], self.pipeline.name)
             if self.tracker is not None:
                 self.tracker.validation(step, rec)
             with open(self.run_dir / "eval_log.jsonl", "a") as fh:
@@ -417,6 +419,19 @@ class Trainer:
                 f"{self.run_dir}/metrics.json")
         dist_utils.barrier()
         return metrics
+
+
+def selection_score(rec: dict[str, Any], selection: str, pipeline: str) -> float:
+    """What model selection maximises (``train.selection``): the worst-group metric, the average metric, or the
+    worst per-class metric (``class_metric``: per class for classification, per structure for segmentation)."""
+    if selection == "worst_group":
+        return rec["worst_group_metric"]
+    if selection == "average":
+        return rec["average_metric"]
+    if not rec.get("class_metric"):
+        raise UserError(f"train.selection worst_class: the {pipeline} pipeline's evaluation reports no per-class "
+                        f"metric (class_metric); use worst_group or average")
+    return min(rec["class_metric"].values())
 
 
 def _method_class(name: str) -> type[Method]:

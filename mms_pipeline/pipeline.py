@@ -42,7 +42,7 @@ from groupdistil.stats import group_mean
 
 from . import data, report, scoring
 from .geometry import save_prediction
-from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
+from .metrics import STRUCTURES, mean_dice, read_per_case_csv, write_per_case_csv
 from .metrics import summarise as summarise_rows
 from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
 from .pathology import IndexClassifier
@@ -169,8 +169,11 @@ class MMSPipeline(Pipeline):
                 self.class_index(s)
         return splits
 
-    def class_index(self, subject: data.Subject) -> int:
-        """Index in ``data.classes`` of the subject's pathology (``class_map`` first, then 'other')."""
+    def class_index(self, subject: data.Subject | str) -> int:
+        """Index in ``data.classes`` of the subject's (or the subject code's) pathology (``class_map`` first, then
+        'other')."""
+        if isinstance(subject, str):
+            subject = self.subjects_by_code[subject]
         classes = [str(c).lower() for c in self.dcfg["classes"]]
         if subject.pathology is None:
             raise UserError(f"subject {subject.code}: {self.csv_path} has no 'Pathology' column (older release?); "
@@ -186,6 +189,10 @@ class MMSPipeline(Pipeline):
             raise UserError(f"subject {subject.code}: {self.csv_path}: pathology '{subject.pathology}' is not in "
                             f"data.classes {self.dcfg['classes']} and there is no '{OTHER}' class (see data.class_map)")
         return classes.index(name)
+
+    @cached_property
+    def subjects_by_code(self) -> dict[str, data.Subject]:
+        return {s.code: s for subs in self.splits.values() for s in subs}
 
     @cached_property
     def csv_path(self) -> Path:
@@ -434,11 +441,15 @@ class MMSPipeline(Pipeline):
                         "worst_vendor_cls_acc": min(acc_by_vendor.values())})
         if self.ecfg["metric"] == "accuracy":
             group_metric, average = out["cls_acc_by_group"], out["cls_acc"]
+            truth = [self.dcfg["classes"][self.class_index(r["Name"])] for r in per_subject]
+            class_metric = {c: float(np.mean([r["cls_correct"] for r, t in zip(per_subject, truth) if t == c]))
+                            for c in self.dcfg["classes"] if c in truth}  # per class: the share recognised
         else:
             group_metric, average = dice_by_group, float(np.mean([mean_dice(r) for r in rows]))
+            class_metric = {s: float(np.mean([float(r[f"Dice {s}"]) for r in rows])) for s in STRUCTURES}
         worst = min(group_metric, key=group_metric.get)
         return {"worst_group_metric": group_metric[worst], "worst_group": worst, "average_metric": average,
-                "group_metric": group_metric, **out}
+                "group_metric": group_metric, "class_metric": class_metric, **out}
 
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
                  teacher: Predictor | None = None) -> dict[str, Any]:

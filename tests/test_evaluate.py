@@ -85,6 +85,7 @@ def test_ground_truth_scores_dice_1_and_distance_0(mms_root: Path, truth_dir: Pa
     metrics = json.loads((out / "metrics.json").read_text())
     ev = metrics["test"]
     assert ev["worst_group_metric"] == 1.0 and ev["average_metric"] == 1.0 and ev["naming"] == "groupdistil"
+    assert ev["class_metric"] == {"LV": 1.0, "MYO": 1.0, "RV": 1.0}  # per structure (train.selection: worst_class)
     assert set(ev["by_vendor"]) >= {"A", "B", "C", "D", "worst"} and set(ev["by_centre"]) > {"worst"}
     assert metrics["evaluated"]["split"] == "test" and metrics["evaluated"]["pipeline"] == "mms"
     # pathology from the clinical indices of the label maps (model.cls_head: indices, the default): the classifier

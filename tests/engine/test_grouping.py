@@ -77,3 +77,34 @@ def test_selection_by_average_needs_no_group_labels(toy_cfg, tmp_path):
     best = max(evals, key=lambda r: r["average_metric"])
     assert json.loads((tmp_path / "avg" / "metrics.json").read_text())["selected_step"] == best["step"]
     assert t.best["step"] == best["step"]
+
+
+def test_selection_by_worst_class(toy_cfg, tmp_path):
+    """``train.selection: worst_class`` maximises the lowest per-class validation metric (no group labels); a
+    pipeline whose evaluation has no per-class metric is refused with a message."""
+    from toy_pipeline import ToyPipeline
+
+    from groupdistil.errors import UserError
+    from groupdistil.trainer import selection_score
+
+    rec = {"worst_group_metric": 0.2, "average_metric": 0.7, "class_metric": {"a": 0.9, "b": 0.4}}
+    assert [selection_score(rec, s, "toy") for s in ("worst_group", "average", "worst_class")] == [0.2, 0.7, 0.4]
+    with pytest.raises(UserError, match="reports no per-class metric"):
+        selection_score({"worst_group_metric": 0.2, "average_metric": 0.7}, "worst_class", "toy")
+
+    class ClassToy(ToyPipeline):
+        def evaluate(self, predict, split, out_dir=None, teacher=None):
+            out = super().evaluate(predict, split, out_dir, teacher)
+            d = self.splits[split]
+            ok = (predict(d["x"])["cls"].argmax(1).cpu() == d["cls"]).float()
+            out["class_metric"] = {str(k): float(ok[d["cls"] == k].mean()) for k in (0, 1)}
+            return out
+
+    cfg = deep_merge(toy_cfg, {"train": {"selection": "worst_class"}})
+    import copy
+
+    from groupdistil.trainer import Trainer
+    Trainer(copy.deepcopy(cfg), ClassToy, tmp_path / "wc", tmp_path / "wc").run()
+    evals = [json.loads(x) for x in (tmp_path / "wc" / "eval_log.jsonl").read_text().splitlines()]
+    best = max(evals, key=lambda r: min(r["class_metric"].values()))
+    assert json.loads((tmp_path / "wc" / "metrics.json").read_text())["selected_step"] == best["step"]

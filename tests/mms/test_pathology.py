@@ -46,3 +46,20 @@ def test_shrinkage_keeps_a_singular_covariance_invertible_and_bad_input_is_refus
         IndexClassifier(2).fit(np.array([[1.0, math.nan], [2.0, 1.0]]), [0, 1])
     with pytest.raises(ValueError, match="shrinkage"):
         IndexClassifier(2, shrinkage=2.0)
+
+
+def test_per_class_accuracy_for_selection_by_worst_class(mms_root, make_pipeline) -> None:
+    """With ``eval.metric: accuracy`` the summary's ``class_metric`` is each pathology class's share of subjects
+    recognised (``train.selection: worst_class``)."""
+    p = make_pipeline(mms_root, eval={"metric": "accuracy"})
+    subjects = p.splits["test"]
+    rows = []
+    for i, s in enumerate(subjects):
+        metrics = {f"Dice {k}": 1.0 for k in ("LV", "MYO", "RV")}
+        rows += [{"Name": s.code, "ED/ES": "ED", "Vendor": s.vendor, "Centre": s.centre, **metrics,
+                  "cls_correct": float(i % 2), "Pathology": s.pathology},
+                 {"Name": s.code, "ED/ES": "ES", "Vendor": s.vendor, "Centre": s.centre, **metrics}]
+    out = p.summarise(rows)
+    truth = [p.dcfg["classes"][p.class_index(s)] for s in subjects]
+    want = {c: np.mean([i % 2 for i, t in enumerate(truth) if t == c]) for c in p.dcfg["classes"] if c in truth}
+    assert out["class_metric"] == pytest.approx(want)

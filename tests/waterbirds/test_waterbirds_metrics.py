@@ -32,6 +32,8 @@ def test_summary_by_hand() -> None:
     assert_allclose(s["mean_group_acc"], (0.75 + 0.5 + 0.0 + 1.0) / 4)  # "adjusted accuracy"
     assert s["group_metric"] == s["group_acc"] and s["worst_group_metric"] == s["worst_group_acc"]
     assert s["average_metric"] == s["train_weighted_avg_acc"]
+    # per class, from the labels alone (train.selection: worst_class): landbirds 4 / 6 right, waterbirds 2 / 4
+    assert s["class_metric"] == {"landbird": pytest.approx(4 / 6), "waterbird": 0.5}
 
 
 def test_absent_group_is_left_out() -> None:
