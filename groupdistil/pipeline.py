@@ -96,6 +96,20 @@ class Pipeline(abc.ABC):
         """A short string that changes when the data changes (used to refuse resuming on other data)."""
         return ""
 
+    def teacher_targets(self, source: Path) -> dict[str, torch.Tensor]:
+        """A teacher made elsewhere, given as its saved probabilities (``--teacher SOURCE``): ``{head: p}`` with ``p``
+        float ``(N, K[, H, W])`` the teacher's class probabilities of every training sample, in training-set order
+        (index ``i`` is :meth:`train_dataset` sample ``i``, as the network input ``x`` is after preprocessing), for
+        each head they cover. The engine distils ``log p`` as the teacher's logits through the teacher cache
+        (:meth:`groupdistil.teacher.Teacher.from_probabilities`).
+
+        Every problem is a UserError naming the file (and row): a missing or extra case, a wrong shape, values that
+        are not probabilities (:func:`groupdistil.teacher.probabilities_problem`), training inputs that would no
+        longer match the saved probabilities (random augmentation). Nothing may be unpickled. Optional: the default
+        refuses."""
+        raise UserError(f"{source}: this pipeline cannot read teacher probabilities (pipeline '{self.name}'); give "
+                        f"--teacher a teacher run folder, checkpoint or TorchScript file")
+
     # --- models -----------------------------------------------------------------------------------------------
     @property
     @abc.abstractmethod

@@ -40,7 +40,7 @@ from groupdistil.pipeline import Pipeline, Predictor
 from groupdistil.progress import progress_iter
 from groupdistil.stats import group_mean
 
-from . import data, report, scoring
+from . import data, report, scoring, soft_targets
 from .geometry import save_prediction
 from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
 from .metrics import summarise as summarise_rows
@@ -48,7 +48,7 @@ from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
 from .pathology import IndexClassifier
 from .pathology import features as index_features
 from .synth import synthesize as synthesize_release
-from .transforms import SliceDataset, augmentation, preprocess
+from .transforms import SliceDataset, augmentation, preprocess, preprocess_probabilities
 
 N_SEG = len(data.LABELS)
 OTHER = "other"
@@ -205,20 +205,23 @@ class MMSPipeline(Pipeline):
 
     @cached_property
     def _train_set(self) -> SliceDataset:
-        xs, segs, groups, classes, cases = [], [], [], [], []
+        xs, segs, groups, classes, cases, slices, affines = [], [], [], [], [], [], {}
         for subject in self.splits["train"]:
             vols = data.load_volumes(subject)
+            affines[subject.code] = vols["image"].affine.clone()
             for phase in data.PHASES:
                 out = self.preprocessor({**vols, "frame": subject.frame(phase)})
                 x = out["image"].as_tensor().permute(3, 0, 1, 2)  # (1, H, W, Z) -> (Z, 1, H, W)
                 seg = out["label"].as_tensor().permute(3, 0, 1, 2).round().to(torch.uint8)
+                z = torch.arange(len(x))
                 if self.dcfg["drop_empty"]:
                     keep = (seg > 0).flatten(1).any(1)
-                    x, seg = x[keep], seg[keep]
+                    x, seg, z = x[keep], seg[keep], z[keep]
                 xs.append(x.float())
                 segs.append(seg)
                 groups += [self.group_index(subject)] * len(x)
                 cases += [subject.code] * len(x)
+                slices += [(subject.code, phase, int(k)) for k in z]
                 if "cls" in self.heads:
                     classes += [self.class_index(subject)] * len(x)
         ds = SliceDataset(
@@ -227,6 +230,8 @@ class MMSPipeline(Pipeline):
             augmentation(self.dcfg["flip"]) if self.dcfg["augment"] else None,
         )
         ds.cases = cases  # the subject of every slice (held out together)
+        ds.slices = slices  # (subject, phase, z) of every slice: where its teacher probabilities come from
+        ds.affines = affines  # each training subject's native affine (its probabilities' grid)
         return ds
 
     @property
@@ -256,6 +261,31 @@ class MMSPipeline(Pipeline):
 
     def train_is_random(self) -> bool:
         return bool(self.dcfg["augment"])
+
+    def teacher_targets(self, source: Path) -> dict[str, torch.Tensor]:
+        """A teacher given as nnU-Net's saved probabilities (:mod:`mms_pipeline.soft_targets`): ``{"seg": (N, 4, H,
+        W)}``, each training slice's per-pixel probabilities in the working geometry (the spatial steps of the
+        slice's own preprocessing). Needs ``data.augment: false``: augmented slices would no longer match them."""
+        source = Path(source)
+        if self.dcfg["augment"]:
+            raise UserError(f"{source}: a teacher given as saved probabilities needs data.augment: false (random "
+                            f"augmentation would move the training slices away from the teacher's per-pixel "
+                            f"probabilities); add --set data.augment=false")
+        files = soft_targets.match_files(source, self.splits["train"], self.splits)
+        ds = self._train_set
+        positions: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for i, (code, phase, z) in enumerate(ds.slices):
+            positions.setdefault((code, phase), []).append((i, z))
+        transform = preprocess_probabilities(self.dcfg["spacing"], self.dcfg["roi"])
+        out = torch.zeros(len(ds), N_SEG, *ds.x.shape[-2:])
+        for subject in self.splits["train"]:
+            shape = nib.load(subject.image).shape[:3]
+            for phase in data.PHASES:
+                probs = soft_targets.read_probabilities(files[(subject.code, phase)], subject, shape, N_SEG)
+                work = soft_targets.to_working(probs, ds.affines[subject.code], transform)  # (C, H, W, Z)
+                for i, z in positions.get((subject.code, phase), []):
+                    out[i] = work[..., z]
+        return {"seg": out}
 
     def fingerprint(self) -> str:
         """Content hash of the metadata CSV and of every NIfTI file of the train, val and test subjects."""

@@ -374,11 +374,14 @@ def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
     def params(v: Any) -> str:
         return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
-    role = "student" if info.get("teacher_params") is not None else "model"  # a teacher run has no teacher
+    probabilities = info.get("teacher")  # a teacher given as saved probabilities: no model, not evaluated
+    role = "student" if info.get("teacher_params") is not None or probabilities else "model"  # a teacher run: none
     rows = [[role, params(info.get("params")), fmt(info.get("infer_seconds_per_case"), 4)]]
     if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_case") is not None:
         rows.append(["teacher", params(info.get("teacher_params")),
                      fmt(info.get("teacher_infer_seconds_per_case"), 4)])
+    elif probabilities:
+        rows.append([f"teacher (saved probabilities {probabilities}: no model, not evaluated)", "-", "-"])
     doc.heading("Model size and speed")
     doc.table(["model", "parameters", "inference s / volume"], rows)
     if info.get("machine"):

@@ -55,11 +55,17 @@ def subject_rows(subject: data.Subject, preds: Mapping[str, np.ndarray], gts: Ma
     return rows
 
 
+def nnunet_case(subject: data.Subject, phase: str) -> str:
+    """nnU-Net's case name of a subject's ``phase`` after its M&Ms conversion: ``<code>_frame<NN>``, NN the 0-based
+    ED or ES frame index, two digits."""
+    return f"{subject.code}_frame{subject.frame(phase):02d}"
+
+
 def file_name(subject: data.Subject, phase: str, naming: str) -> str:
     """The file name of a subject's prediction of ``phase`` under ``naming`` (see the module docstring)."""
     if naming == "groupdistil":
         return f"{subject.code}_sa_{phase}.nii.gz"
-    return f"{subject.code}_frame{subject.frame(phase):02d}.nii.gz"
+    return f"{nnunet_case(subject, phase)}.nii.gz"
 
 
 def _pattern(naming: str) -> str:
