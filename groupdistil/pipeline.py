@@ -139,12 +139,17 @@ class Pipeline(abc.ABC):
         (shown in comparison reports); "" for a generic sentence."""
         return ""
 
+    #: what one score of :meth:`case_scores` stands for, named in the comparison reports ("n = subjects")
+    case_unit: ClassVar[str] = "cases"
+
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None.
 
-        Ids sharing the text before the first space (``"<code> ED"``, ``"<code> ES"``) are one unit for the
-        bootstrap (:func:`groupdistil.stats.case_unit`)."""
+        Each score must be one independent unit (:attr:`case_unit`): the Wilcoxon test counts one pair per id. A
+        pipeline whose cases are clustered (several volumes of one subject) averages them per cluster here. Ids
+        that still share the text before the first space are resampled together by the bootstrap
+        (:func:`groupdistil.stats.case_unit`)."""
         return None
 
     # --- evaluation -------------------------------------------------------------------------------------------

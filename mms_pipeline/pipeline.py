@@ -538,11 +538,15 @@ class MMSPipeline(Pipeline):
         return (f"Worst-group metric: the mean Dice (over LV, MYO, RV and the ED and ES phases) of the worst test "
                 f"{group}. Average metric: the mean Dice over all test cases.")
 
+    case_unit = "subjects"
+
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """Per-case test scores for the paired per-case test, on the run's own metric (from ``per_case.csv``):
-        ``("<code> <ED|ES>", group, mean Dice)`` of each volume, or with ``eval.metric: accuracy``
-        ``("<code>", group, 1.0 | 0.0)``: whether the subject's pathology was classified correctly."""
+        """Per-subject test scores for the paired per-case tests, on the run's own metric (from ``per_case.csv``):
+        ``("<code>", group, (mean Dice ED + mean Dice ES) / 2)``: the ED and ES volumes of one subject are not
+        independent, so they are averaged into one score per subject (the unit of the Wilcoxon test and the
+        bootstrap); with ``eval.metric: accuracy`` ``("<code>", group, 1.0 | 0.0)``: whether the subject's pathology
+        was classified correctly."""
         path = Path(run_dir) / report.PER_CASE_FILE
         if not path.exists():
             return None
@@ -554,7 +558,7 @@ class MMSPipeline(Pipeline):
         if metric == "accuracy":
             return [(str(r["Name"]), str(r[key]), float(r["cls_correct"]))
                     for r in rows if not math.isnan(r.get("cls_correct", math.nan))]
-        return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r)) for r in rows]
+        return subject_means([(str(r["Name"]), str(r[key]), mean_dice(r)) for r in rows])
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
         report.write_mms_report(run_dir, metrics, info)
@@ -569,6 +573,15 @@ def _metric_and_grouping(cfg: dict[str, Any]) -> tuple[str, str]:
     """``(eval.metric, data.group_by)`` of a (possibly partial) run config, defaults filled in."""
     cfg = MMSPipeline.with_defaults(cfg)
     return cfg["eval"]["metric"], cfg["data"]["group_by"]
+
+
+def subject_means(scores: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """``(subject, group, mean of the subject's scores)``, subjects in order of first appearance: the per-volume
+    scores of one subject (ED and ES) folded into one."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for code, group, score in scores:
+        acc.setdefault((code, group), []).append(float(score))
+    return [(code, group, float(np.mean(v))) for (code, group), v in acc.items()]
 
 
 def prediction_dir(out_dir: Path, split: str) -> Path:

@@ -202,6 +202,8 @@ class WaterbirdsPipeline(Pipeline):
                 "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
                 "paper's average; not the raw test accuracy).")
 
+    case_unit: ClassVar[str] = "images"
+
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """``(img_id, group, 1.0 if correct else 0.0)`` of each test image, from ``predictions.csv``."""

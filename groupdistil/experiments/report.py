@@ -35,11 +35,12 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]])
     atomic_write_text(path, buf.getvalue())
 
 
-def nice_metric(metric: str, worst_of: str = "") -> str:
-    """Report header of a metric column: ``worst group``, ``average``, a group name (per-case: whose worst group)."""
+def nice_metric(metric: str, worst_of: str = "", unit: str = "cases") -> str:
+    """Report header of a metric column: ``worst group``, ``average``, a group name (per-case: the ``unit`` of whose
+    worst group)."""
     if metric.startswith("group."):
         g = metric[len("group."):]
-        return f"cases of {g} (worst group of {worst_of})" if worst_of else g
+        return f"{unit} of {g} (worst group of {worst_of})" if worst_of else g
     return {WORST: "worst group", AVERAGE: "average"}.get(metric, metric)
 
 
@@ -102,12 +103,14 @@ class Writer:
                  f"(plus the teacher); seeds {e.seeds}; test split; each run's model selected on its validation split.",
                  note=True)
         doc.para(self.metric_note(), note=True)
+        unit = self.pipeline_cls.case_unit
         doc.para("Mean ± sample std (ddof 1) over seeds. A comparison 'first − second' (two methods) is paired by seed "
                  "(t-test, mean difference and 95% CI; 'n/a' with fewer than 2 pairs), and by test case with the "
-                 "Wilcoxon signed-rank test over the cases of the second method's worst group, each case's score "
-                 "averaged over the common seeds (when the pipeline has per-case scores).",
+                 f"Wilcoxon signed-rank test over the {unit} of the second method's worst group, each one's score "
+                 "averaged over the common seeds (when the pipeline has per-case scores). n = seeds for the t-test, "
+                 f"n = {unit} for the Wilcoxon test and the bootstrap{UNIT_NOTES.get(unit, '')}.",
                  note=True)
-        doc.para(CI_NOTE, note=True)
+        doc.para(ci_note(unit), note=True)
         levels = list(dict.fromkeys(k[0] for k in variants))
         for lv in levels:
             if lv:
@@ -132,7 +135,8 @@ class Writer:
         if pairs:
             doc.heading("Paired comparisons", lvl)
             doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p", "p (Holm)"],
-                      [[p.title, nice_metric(p.metric, p.b.method), *self._test_text(p.test),
+                      [[p.title, nice_metric(p.metric, p.b.method, self.pipeline_cls.case_unit),
+                        *self._test_text(p.test),
                         "n/a" if math.isnan(p.p_holm) else f"{p.p_holm:.3g}"] for p in pairs])
 
     @staticmethod
@@ -191,16 +195,21 @@ class Writer:
         plot_lines(png, title, xlabel, xs, series, constant)
 
 
-CI_NOTE = (
-    "Paired bootstrap (cases): first − second method on the same test cases, each case's score averaged over the "
-    "common seeds; "
-    f"{N_BOOT} resamples (seed {BOOT_SEED}) of the cases within each group (a subject's ED and ES together), 95% "
-    "percentile interval. For 'worst group' the statistic is the lowest group mean of the first method minus that of "
-    "the second (the worst group may change between resamples); for the cases of the second method's worst group, "
-    "the mean difference on them. It says how "
-    "much the result could move with other test cases of the same kind, not with other seeds (the t-test does). "
-    "An interval that excludes 0 is evidence of a difference on these cases. p (Holm): each p-value adjusted for "
-    "all the tests of this experiment file (Holm's step-down method); judge significance on it, not on the raw p.")
+#: how a pipeline's per-case unit comes about, when it is not one file per case
+UNIT_NOTES = {"subjects": " (one score per subject: the mean over its ED and ES volumes, which are not independent)"}
+
+
+def ci_note(unit: str = "cases") -> str:
+    """The explanation of the paired bootstrap rows, resampling ``unit``."""
+    return (
+        f"Paired bootstrap ({unit}): first − second method on the same test {unit}, each one's score averaged over "
+        f"the common seeds; {N_BOOT} resamples (seed {BOOT_SEED}) of the {unit} within each group, 95% percentile "
+        "interval. For 'worst group' the statistic is the lowest group mean of the first method minus that of the "
+        f"second (the worst group may change between resamples); for the {unit} of the second method's worst group, "
+        f"the mean difference on them. It says how much the result could move with other test {unit} of the same "
+        "kind, not with other seeds (the t-test does). An interval that excludes 0 is evidence of a difference on "
+        "these cases. p (Holm): each p-value adjusted for all the tests of this experiment file (Holm's step-down "
+        "method); judge significance on it, not on the raw p.")
 
 
 def read_group_weights(run_dir: Path) -> tuple[dict[int, list[float]], set[int]]:
