@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,6 +36,24 @@ from .errors import UserError
 ENTRY_POINT_GROUP = "groupdistil.pipelines"
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GroupBreakdown:
+    """Per-group test values of one finished run by structure (:meth:`Pipeline.group_breakdown`), for the
+    comparison report's table per structure and group.
+
+    ``values[group][column]`` (NaN when the run has none), ``n[group]`` the number of test units
+    (:attr:`Pipeline.case_unit`) of each group; ``columns`` with ``higher_is_better`` and ``digits`` of each;
+    ``grouping`` names the groups (``vendor``, ``centre``); ``note`` says how the values are computed."""
+
+    grouping: str
+    columns: tuple[str, ...]
+    higher_is_better: tuple[bool, ...]
+    digits: tuple[int, ...]
+    values: dict[str, dict[str, float]]
+    n: dict[str, int]
+    note: str = ""
 
 
 class Pipeline(abc.ABC):
@@ -151,6 +170,18 @@ class Pipeline(abc.ABC):
         that still share the text before the first space are resampled together by the bootstrap
         (:func:`groupdistil.stats.case_unit`)."""
         return None
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """The test values of a finished run per group and structure (e.g. Dice and HD95 of LV, MYO, RV per
+        vendor), for the comparison report; None (the default) when the pipeline has no structures: the comparison
+        then shows its per-group metric only."""
+        return None
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        """How reports show a group of a run with config ``cfg`` (e.g. ``A (Siemens)`` for a vendor letter)."""
+        return str(group)
 
     # --- evaluation -------------------------------------------------------------------------------------------
     @abc.abstractmethod

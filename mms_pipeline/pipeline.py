@@ -18,7 +18,6 @@ order plus HD95, clinical indices (on the ED row) and classification; predicted 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +27,6 @@ from typing import Any, Callable
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd
@@ -36,13 +34,13 @@ from torch import nn
 
 from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
-from groupdistil.pipeline import Pipeline, Predictor
+from groupdistil.pipeline import GroupBreakdown, Pipeline, Predictor
 from groupdistil.progress import progress_iter
 from groupdistil.stats import group_mean
 
-from . import data, report, scoring, soft_targets
+from . import data, report, results, scoring, soft_targets
 from .geometry import save_prediction
-from .metrics import mean_dice, read_per_case_csv, write_per_case_csv
+from .metrics import mean_dice, write_per_case_csv
 from .metrics import summarise as summarise_rows
 from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
 from .pathology import IndexClassifier
@@ -542,23 +540,20 @@ class MMSPipeline(Pipeline):
 
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """Per-subject test scores for the paired per-case tests, on the run's own metric (from ``per_case.csv``):
-        ``("<code>", group, (mean Dice ED + mean Dice ES) / 2)``: the ED and ES volumes of one subject are not
-        independent, so they are averaged into one score per subject (the unit of the Wilcoxon test and the
-        bootstrap); with ``eval.metric: accuracy`` ``("<code>", group, 1.0 | 0.0)``: whether the subject's pathology
-        was classified correctly."""
-        path = Path(run_dir) / report.PER_CASE_FILE
-        if not path.exists():
-            return None
-        cfg_path = Path(run_dir) / "config.yaml"
-        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
-        metric, group_by = _metric_and_grouping(cfg)
-        key = "Vendor" if group_by == "vendor" else "Centre"
-        rows = read_per_case_csv(path)
-        if metric == "accuracy":
-            return [(str(r["Name"]), str(r[key]), float(r["cls_correct"]))
-                    for r in rows if not math.isnan(r.get("cls_correct", math.nan))]
-        return subject_means([(str(r["Name"]), str(r[key]), mean_dice(r)) for r in rows])
+        """One test score per subject, on the run's own metric (:func:`mms_pipeline.results.case_scores`: a
+        subject's ED and ES mean Dice averaged; or whether its pathology was right)."""
+        metric, group_by = _metric_and_grouping(results.run_config(Path(run_dir)))
+        return results.case_scores(Path(run_dir) / report.PER_CASE_FILE, metric, group_by)
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """Dice and HD95 of LV, MYO, RV per group and n subjects (:func:`mms_pipeline.results.group_breakdown`)."""
+        _, group_by = _metric_and_grouping(results.run_config(Path(run_dir)))
+        return results.group_breakdown(Path(run_dir) / report.PER_CASE_FILE, group_by)
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        return report.group_title(group, _metric_and_grouping(cfg)[1])
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
         report.write_mms_report(run_dir, metrics, info)
@@ -573,15 +568,6 @@ def _metric_and_grouping(cfg: dict[str, Any]) -> tuple[str, str]:
     """``(eval.metric, data.group_by)`` of a (possibly partial) run config, defaults filled in."""
     cfg = MMSPipeline.with_defaults(cfg)
     return cfg["eval"]["metric"], cfg["data"]["group_by"]
-
-
-def subject_means(scores: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
-    """``(subject, group, mean of the subject's scores)``, subjects in order of first appearance: the per-volume
-    scores of one subject (ED and ES) folded into one."""
-    acc: dict[tuple[str, str], list[float]] = {}
-    for code, group, score in scores:
-        acc.setdefault((code, group), []).append(float(score))
-    return [(code, group, float(np.mean(v))) for (code, group), v in acc.items()]
 
 
 def prediction_dir(out_dir: Path, split: str) -> Path:

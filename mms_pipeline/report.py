@@ -38,7 +38,7 @@ from groupdistil.io import atomic_write_bytes
 from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
-from .data import VENDOR_NAMES
+from .data import VENDOR_CENTRES, VENDOR_NAMES
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
 
 PER_CASE_FILE = "per_case.csv"
@@ -239,8 +239,16 @@ def _group_table(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, i
 
 
 def _group_name(g: str, group_label: str) -> str:
-    """``B (Philips)`` for a vendor letter; other groups as they are."""
-    return f"{g} ({VENDOR_NAMES[g]})" if group_label == "Vendor" and g in VENDOR_NAMES else str(g)
+    """``B (Philips)`` for a vendor letter, ``3 (B, Philips)`` for a centre (its vendor); others as they are."""
+    if group_label == "Vendor" and g in VENDOR_NAMES:
+        return f"{g} ({VENDOR_NAMES[g]})"
+    vendor = next((v for v, centres in VENDOR_CENTRES.items() if str(g) in map(str, centres)), None)
+    return f"{g} ({vendor}, {VENDOR_NAMES[vendor]})" if group_label == "Centre" and vendor else str(g)
+
+
+def group_title(group: str, group_by: str) -> str:
+    """How reports show a group of ``data.group_by`` (``vendor`` or ``centre``): ``A (Siemens)``, ``1 (A, Siemens)``."""
+    return _group_name(str(group), "Vendor" if group_by == "vendor" else "Centre")
 
 
 def _dice_columns() -> list[tuple[str, str, int]]:

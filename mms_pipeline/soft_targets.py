@@ -86,8 +86,9 @@ def read_probabilities(path: Path, subject: data.Subject, shape: Sequence[int], 
     try:
         with np.load(path, allow_pickle=False) as npz:
             if NPZ_KEY not in npz.files:
-                raise UserError(f"{path}: no array '{NPZ_KEY}' in this .npz (it holds {', '.join(npz.files) or 'none'}); "
-                                f"expected nnU-Net's --save_probabilities output")
+                held = ", ".join(npz.files) or "none"
+                raise UserError(f"{path}: no array '{NPZ_KEY}' in this .npz (it holds {held}); expected nnU-Net's "
+                                f"--save_probabilities output")
             arr = npz[NPZ_KEY]
     except UserError:
         raise

@@ -98,8 +98,9 @@ class WaterbirdsPipeline(Pipeline):
                             f"probabilities is a CSV with columns img_id, {', '.join(report.PROB_COLUMNS)} covering "
                             f"every training image)")
         if path.suffix.lower() != ".csv":
+            columns = ", ".join(report.PROB_COLUMNS)
             raise UserError(f"{path}: not a CSV; a Waterbirds teacher given as saved probabilities is a CSV (or a "
-                            f"folder holding {TEACHER_PROBS_CSV}) with columns img_id, {', '.join(report.PROB_COLUMNS)}")
+                            f"folder holding {TEACHER_PROBS_CSV}) with columns img_id, {columns}")
         probs = report.read_teacher_probabilities(path, self.meta)
         return {"cls": torch.as_tensor(probs, dtype=torch.float32)}
 

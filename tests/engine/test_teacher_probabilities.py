@@ -48,7 +48,8 @@ def test_probabilities_problem_names_the_first_bad_position():
     assert probabilities_problem(good) == ""
     nan = good.copy()
     nan[1, 1] = np.nan
-    assert probabilities_problem(nan, "(class, x)") == "1 non-finite probabilities (NaN/Inf), the first at (class, x) (1, 1)"
+    assert probabilities_problem(nan, "(class, x)") == \
+        "1 non-finite probabilities (NaN/Inf), the first at (class, x) (1, 1)"
     assert "outside [0, 1]" in probabilities_problem(np.array([[1.5, -0.5]]).T)
     msg = probabilities_problem(np.array([[0.5, 0.5], [0.5, 0.4]]))  # classes x positions: sums 1.0, 0.9
     assert "do not sum to 1" in msg and "off by up to 0.1" in msg and "(1,)" in msg
@@ -81,7 +82,8 @@ def test_a_pipeline_without_the_hook_refuses(tmp_path, toy_cfg):
 
 @pytest.mark.parametrize("over, match", [
     ({"method": "kd"}, "this pipeline cannot read teacher probabilities"),
-    ({"method": "erm", "grouping": {"mode": "kmeans"}}, "grouping.mode 'kmeans' infers the groups from a teacher model"),
+    ({"method": "erm", "grouping": {"mode": "kmeans"}},
+     "grouping.mode 'kmeans' infers the groups from a teacher model"),
     ({"method": "kd", "train": {"teacher_cache": "off"}}, "train.teacher_cache: off cannot be used"),
 ])
 def test_what_a_teacher_without_a_model_cannot_do(tmp_path, toy_cfg, over, match):
