@@ -500,7 +500,8 @@ class MMSPipeline(Pipeline):
             raise UserError(f"eval.metric is '{self.ecfg['metric']}' (pathology classification) with "
                             f"model.cls_head {self.mcfg['cls_head']}, which label maps cannot score; evaluate with "
                             f"eval.metric: dice, or model.cls_head: indices (pathology from the maps' indices)")
-        rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split)
+        rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split,
+                                                       results.group_column(self.dcfg["group_by"]))
         for i, subject in enumerate(self.splits[split]):  # rows: ED then ES of each subject, in order
             self.classify_rows(subject, rows[2 * i:2 * i + 2])
         name = report.PER_CASE_FILE if split == "test" else f"per_case_{split}.csv"
@@ -510,14 +511,16 @@ class MMSPipeline(Pipeline):
         return {**self.summarise(rows), "naming": naming}
 
     def save_examples(self, rows: list[dict[str, Any]], out_dir: Path) -> None:
-        """Best and worst volume per vendor as ``out_dir/examples.npz`` (from the written predictions)."""
+        """Best and worst volume per group (vendor or centre: ``data.group_by``) as ``out_dir/examples.npz`` (from
+        the written predictions)."""
+        key = results.group_column(self.dcfg["group_by"])
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
-        for vendor in sorted({r["Vendor"] for r in rows}):
-            mine = [r for r in rows if r["Vendor"] == vendor]
+        for group in sorted({str(r[key]) for r in rows}):
+            mine = [r for r in rows if str(r[key]) == group]
             for r in (max(mine, key=mean_dice), min(mine, key=mean_dice)):
                 chosen[(r["Name"], r["ED/ES"])] = r
         by_code = {s.code: s for s in self.splits["test"]}
-        collector = report.ExampleCollector()
+        collector = report.ExampleCollector(key)
         for (code, phase), row in chosen.items():
             subject = by_code[code]
             vols = data.load_volumes(subject)
@@ -556,7 +559,7 @@ class MMSPipeline(Pipeline):
         return report.group_title(group, _metric_and_grouping(cfg)[1])
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-        report.write_mms_report(run_dir, metrics, info)
+        report.write_mms_report(run_dir, metrics, {**info, "group_by": self.dcfg["group_by"]})
 
     # --- synthetic data -------------------------------------------------------------------------------------------
     @classmethod

@@ -136,13 +136,14 @@ def read_prediction(path: Path, subject: data.Subject) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def score_folder(pred_dir: Path, subjects: Sequence[data.Subject],
-                 split: str) -> tuple[list[dict[str, Any]], ExampleCollector, str]:
-    """Per-case rows of every subject of ``split`` (in order), the best and worst example per vendor, and the
-    naming the folder used. The folder's file names are checked first; each file when its subject is scored."""
+def score_folder(pred_dir: Path, subjects: Sequence[data.Subject], split: str,
+                 group_key: str = "Vendor") -> tuple[list[dict[str, Any]], ExampleCollector, str]:
+    """Per-case rows of every subject of ``split`` (in order), the best and worst example per group (the per-case
+    column ``group_key``: ``Vendor`` or ``Centre``), and the naming the folder used. The folder's file names are
+    checked first; each file when its subject is scored."""
     naming, files = match_files(pred_dir, subjects, split)
     rows: list[dict[str, Any]] = []
-    collector = ExampleCollector()
+    collector = ExampleCollector(group_key)
     for s in subjects:
         preds = {ph: read_prediction(files[(s.code, ph)], s) for ph in data.PHASES}
         vols = data.load_volumes(s)
