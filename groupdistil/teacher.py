@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +47,7 @@ class Teacher:
                            dtype: torch.dtype = torch.float16) -> Teacher:
         """A teacher without a model whose cache holds ``log max(p, PROB_FLOOR)`` of each head's probabilities
         ``(N, K[, H, W])`` (training-set order), as its logits (see the module docstring for what ``tau`` does)."""
-        teacher = cls(None, lambda: torch.autocast("cpu", enabled=False))
+        teacher = cls(None, nullcontext)
         teacher.cache = {h: torch.log(p.float().clamp_min(PROB_FLOOR)).to(device=device, dtype=dtype)
                          for h, p in targets.items()}
         return teacher
