@@ -38,7 +38,8 @@ def resolve_checkpoint(path: str | Path, what: str = "teacher") -> Path:
             raise UserError(f"{p}: no checkpoints/best.pt in this {what} run folder (did its run finish?)")
         return ck
     if not p.is_file():
-        raise UserError(f"{p}: {what} run folder or checkpoint not found")
+        also = " (nor a folder of saved teacher probabilities)" if what == "teacher" else ""
+        raise UserError(f"{p}: {what} run folder or checkpoint not found{also}")
     return p
 
 

@@ -24,10 +24,10 @@ def run_request_key(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
     """What a ``run`` asks for, from the files' stat and content, without importing torch or a pipeline: the config
     file, the overrides, the teacher checkpoint and every file under the data root (size and modification time)."""
     teacher = None
-    if args.teacher:
+    if args.teacher:  # a run folder's selected checkpoint, a file, or a folder of saved probabilities (every file)
         t = Path(args.teacher)
-        t = t / "checkpoints" / "best.pt" if t.is_dir() else t
-        teacher = tree_signature(t) if t.is_file() else str(t)
+        t = t / "checkpoints" / "best.pt" if (t / "checkpoints").is_dir() else t
+        teacher = tree_signature(t) if t.exists() else str(t)
     return request_key({"command": "run", "config": read_text(Path(args.config)), "overrides": overrides,
                         "teacher": teacher, "data": tree_signature(Path(args.data_root))})
 
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", required=True, help="dataset folder in the real release's layout")
     r.add_argument("--out", required=True, help="run folder (created; rerun the same command to resume)")
     r.add_argument("--method", help="erm | kd | groupdro | groupdistil (overrides the config)")
-    r.add_argument("--teacher", help="the teacher's run folder or checkpoint (kd, groupdistil)")
+    r.add_argument("--teacher", help="the teacher (kd, groupdistil): its run folder or checkpoint, a TorchScript file "
+                                     "with export.json beside it, or a folder of its saved probabilities")
     r.add_argument("--seed", type=int)
     r.add_argument("--max-steps", type=int)
     r.add_argument("--checkpoint-every", type=int)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -35,6 +36,24 @@ from .errors import UserError
 ENTRY_POINT_GROUP = "groupdistil.pipelines"
 
 Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class GroupBreakdown:
+    """Per-group test values of one finished run by structure (:meth:`Pipeline.group_breakdown`), for the
+    comparison report's table per structure and group.
+
+    ``values[group][column]`` (NaN when the run has none), ``n[group]`` the number of test units
+    (:attr:`Pipeline.case_unit`) of each group; ``columns`` with ``higher_is_better`` and ``digits`` of each;
+    ``grouping`` names the groups (``vendor``, ``centre``); ``note`` says how the values are computed."""
+
+    grouping: str
+    columns: tuple[str, ...]
+    higher_is_better: tuple[bool, ...]
+    digits: tuple[int, ...]
+    values: dict[str, dict[str, float]]
+    n: dict[str, int]
+    note: str = ""
 
 
 class Pipeline(abc.ABC):
@@ -96,6 +115,20 @@ class Pipeline(abc.ABC):
         """A short string that changes when the data changes (used to refuse resuming on other data)."""
         return ""
 
+    def teacher_targets(self, source: Path) -> dict[str, torch.Tensor]:
+        """A teacher made elsewhere, given as its saved probabilities (``--teacher SOURCE``): ``{head: p}`` with ``p``
+        float ``(N, K[, H, W])`` the teacher's class probabilities of every training sample, in training-set order
+        (index ``i`` is :meth:`train_dataset` sample ``i``, as the network input ``x`` is after preprocessing), for
+        each head they cover. The engine distils ``log p`` as the teacher's logits through the teacher cache
+        (:meth:`groupdistil.teacher.Teacher.from_probabilities`).
+
+        Every problem is a UserError naming the file (and row): a missing or extra case, a wrong shape, values that
+        are not probabilities (:func:`groupdistil.teacher.probabilities_problem`), training inputs that would no
+        longer match the saved probabilities (random augmentation). Nothing may be unpickled. Optional: the default
+        refuses."""
+        raise UserError(f"{source}: this pipeline cannot read teacher probabilities (pipeline '{self.name}'); give "
+                        f"--teacher a teacher run folder, checkpoint or TorchScript file")
+
     # --- models -----------------------------------------------------------------------------------------------
     @property
     @abc.abstractmethod
@@ -125,13 +158,30 @@ class Pipeline(abc.ABC):
         (shown in comparison reports); "" for a generic sentence."""
         return ""
 
+    #: what one score of :meth:`case_scores` stands for, named in the comparison reports ("n = subjects")
+    case_unit: ClassVar[str] = "cases"
+
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
         """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None.
 
-        Ids sharing the text before the first space (``"<code> ED"``, ``"<code> ES"``) are one unit for the
-        bootstrap (:func:`groupdistil.stats.case_unit`)."""
+        Each score must be one independent unit (:attr:`case_unit`): the Wilcoxon test counts one pair per id. A
+        pipeline whose cases are clustered (several volumes of one subject) averages them per cluster here. Ids
+        that still share the text before the first space are resampled together by the bootstrap
+        (:func:`groupdistil.stats.case_unit`)."""
         return None
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """The test values of a finished run per group and structure (e.g. Dice and HD95 of LV, MYO, RV per
+        vendor), for the comparison report; None (the default) when the pipeline has no structures: the comparison
+        then shows its per-group metric only."""
+        return None
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        """How reports show a group of a run with config ``cfg`` (e.g. ``A (Siemens)`` for a vendor letter)."""
+        return str(group)
 
     # --- evaluation -------------------------------------------------------------------------------------------
     @abc.abstractmethod

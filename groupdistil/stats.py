@@ -74,8 +74,9 @@ def paired_t(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -
                       float(np.median(d)))
 
 
-def wilcoxon_paired(a: Sequence[float], b: Sequence[float]) -> PairedTest | None:
-    """Two-sided Wilcoxon signed-rank test of ``a - b``; None without pairs; p is NaN when all differences are 0."""
+def wilcoxon_paired(a: Sequence[float], b: Sequence[float], unit: str = "cases") -> PairedTest | None:
+    """Two-sided Wilcoxon signed-rank test of ``a - b`` (each pair one independent ``unit``: the test is named
+    ``Wilcoxon (<unit>)``); None without pairs; p is NaN when all differences are 0."""
     from scipy import stats
 
     d = _diffs(a, b)
@@ -87,7 +88,7 @@ def wilcoxon_paired(a: Sequence[float], b: Sequence[float]) -> PairedTest | None
             warnings.simplefilter("ignore")
             res = stats.wilcoxon(d)
         stat, p = float(res.statistic), float(res.pvalue)
-    return PairedTest("Wilcoxon (cases)", int(d.size), float(d.mean()), math.nan, math.nan, stat, p,
+    return PairedTest(f"Wilcoxon ({unit})", int(d.size), float(d.mean()), math.nan, math.nan, stat, p,
                       float(np.median(d)))
 
 

@@ -36,7 +36,7 @@ from .progress import Progress, StepLogger, Tracker, log, tracking_available
 from .rundir import FolderLock, prepare_run_dir, truncate_jsonl
 from .runtime import Runtime, count_params, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
-from .teacher import Teacher
+from .teacher import Teacher, is_probabilities_source, probabilities_identity
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
@@ -77,10 +77,17 @@ class Trainer:
                 why = (f"method '{cfg['method']}' distils a teacher" if self.method_cls.needs_teacher else
                        f"grouping.mode '{cfg['grouping']['mode']}' infers the groups from a teacher")
                 raise UserError(f"{why}: give --teacher RUN_DIR (a run of configs/{pipeline_cls.name}_teacher.yaml)")
+        self.teacher_path = teacher_path
+        #: a teacher given as saved probabilities (no model): its targets are read by the pipeline in build()
+        self.teacher_probs = bool(self.uses_teacher and is_probabilities_source(teacher_path))
+        if self.teacher_probs:
+            teacher_ck = self.check_probabilities_teacher(str(teacher_path))
+            self.teacher_cpu = None
+        elif self.uses_teacher:
             # load (and so check) the teacher before anything is written
             self.teacher_cpu, teacher_ck = load_model_from_checkpoint(teacher_path, pipeline_cls)
         self.pipeline = pipeline_cls(cfg, data_root)
-        if self.uses_teacher:
+        if self.uses_teacher and not self.teacher_probs:
             self.check_teacher_heads(teacher_path)
         self.cfg["groups"] = list(self.pipeline.group_names)
         self.n_groups = len(self.cfg["groups"])
@@ -114,6 +121,42 @@ class Trainer:
                                 f"(its 'pretrain' section, resolved by groupdistil compare); give a run folder or "
                                 f"a weights file here")
             self.cfg["run"]["init_from"] = weights_identity(self.init_path)
+
+    def check_probabilities_teacher(self, teacher_path: str) -> dict[str, Any]:
+        """What a teacher given as saved probabilities cannot do, refused before anything is written; returns its
+        identity ``{"run_hash": "probabilities-<sha256>", "step": 0}`` (:func:`teacher.probabilities_identity`)."""
+        mode = self.cfg["grouping"]["mode"]
+        if self.inferring:
+            raise UserError(f"{teacher_path}: grouping.mode '{mode}' infers the groups from a teacher model, and a "
+                            f"teacher given as saved probabilities has none; use grouping.mode: labels, or a teacher "
+                            f"run folder, checkpoint or TorchScript file")
+        if self.t["teacher_cache"] != "auto":
+            raise UserError(f"{teacher_path}: train.teacher_cache: {self.t['teacher_cache']} cannot be used with a "
+                            f"teacher given as saved probabilities (they are the teacher cache); set "
+                            f"train.teacher_cache: auto")
+        return {"run_hash": probabilities_identity(teacher_path), "step": 0}
+
+    def probabilities_teacher(self) -> Teacher:
+        """The teacher cache filled from saved probabilities (:meth:`Pipeline.teacher_targets`), its heads and sizes
+        checked against this run's."""
+        t0 = time.time()
+        targets = self.pipeline.teacher_targets(Path(self.teacher_path))
+        n = len(self.dataset)
+        used = self.cfg["loss"]["heads"] or self.pipeline.heads
+        for head in used:
+            want = self.pipeline.heads.get(head)
+            t = targets.get(head)
+            if t is None or t.dim() < 2 or int(t.shape[1]) != want or int(t.shape[0]) != n:
+                got = "none" if t is None else f"shape {tuple(t.shape)}"
+                raise UserError(f"{self.teacher_path}: the saved probabilities cover heads {sorted(targets)}, this run "
+                                f"distils {sorted(used)} (head '{head}': {got}, expected ({n}, {want}, ...): "
+                                f"{n} training samples, {want} classes); for a model with more heads than the "
+                                f"probabilities give, set loss.heads to those they give")
+        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        teacher = Teacher.from_probabilities({h: targets[h] for h in used}, self.device, dtype)
+        log(f"teacher probabilities read from {self.teacher_path} for {n} training samples in "
+            f"{time.time() - t0:.1f}s (no teacher model: the teacher is not evaluated)")
+        return teacher
 
     def check_teacher_heads(self, teacher_path: str) -> None:
         """The teacher must give logits of the same number of classes for every head the student is trained on."""
@@ -173,7 +216,7 @@ class Trainer:
             self.student = self.student.to(memory_format=torch.channels_last)
         teacher = None
         self.teacher_model = None
-        if self.uses_teacher:
+        if self.uses_teacher and not self.teacher_probs:
             tm = self.teacher_cpu.to(self.device)
             if self.device.type == "cuda" and self.t["channels_last"]:
                 tm = tm.to(memory_format=torch.channels_last)
@@ -181,13 +224,16 @@ class Trainer:
             self.teacher_model = tm
         criterion = TaskLoss(heads, self.cfg["loss"])
         self.dataset = self.pipeline.train_dataset()
+        if self.teacher_probs:
+            teacher = self.probabilities_teacher()
         if self.inferring:
             self.infer_groups()
         heldout, counts = self.heldout_batches()
         self.method: Method = self.method_cls(self.student, criterion, self.n_groups, counts,
                                               self.cfg["method_args"], teacher=teacher, runtime=self.runtime,
                                               heldout=heldout).to(self.device)
-        if teacher is not None and self.t["teacher_cache"] == "auto" and not self.pipeline.train_is_random():
+        if teacher is not None and teacher.cache is None and self.t["teacher_cache"] == "auto" and \
+                not self.pipeline.train_is_random():
             t0 = time.time()
             dtype = torch.float32 if self.device.type == "cpu" else torch.float16
             teacher.build_cache(self.dataset, self.device, self.t["batch_size"], self.t["num_workers"], dtype)
@@ -404,6 +450,7 @@ class Trainer:
         timing["machine"] = machine_state(self.t_load)
         if self.main:
             info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
+                    **({"teacher": self.cfg["run"]["teacher"]} if self.teacher_probs else {}),
                     "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
                     "train_seconds": train_seconds, **timing.get("test", {})}
             atomic_write_json(self.run_dir / "timing.json", {**timing, "params": info["params"],

@@ -18,7 +18,6 @@ order plus HD95, clinical indices (on the ED row) and classification; predicted 
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -28,7 +27,6 @@ from typing import Any, Callable
 import nibabel as nib
 import numpy as np
 import torch
-import yaml
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd
@@ -36,19 +34,19 @@ from torch import nn
 
 from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
-from groupdistil.pipeline import Pipeline, Predictor
+from groupdistil.pipeline import GroupBreakdown, Pipeline, Predictor
 from groupdistil.progress import progress_iter
 from groupdistil.stats import group_mean
 
-from . import data, report, scoring
+from . import data, report, results, scoring, soft_targets
 from .geometry import save_prediction
-from .metrics import STRUCTURES, mean_dice, read_per_case_csv, write_per_case_csv
+from .metrics import STRUCTURES, mean_dice, write_per_case_csv
 from .metrics import summarise as summarise_rows
 from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
 from .pathology import IndexClassifier
 from .pathology import features as index_features
 from .synth import synthesize as synthesize_release
-from .transforms import SliceDataset, augmentation, preprocess
+from .transforms import SliceDataset, augmentation, preprocess, preprocess_probabilities
 
 N_SEG = len(data.LABELS)
 OTHER = "other"
@@ -212,20 +210,23 @@ class MMSPipeline(Pipeline):
 
     @cached_property
     def _train_set(self) -> SliceDataset:
-        xs, segs, groups, classes, cases = [], [], [], [], []
+        xs, segs, groups, classes, cases, slices, affines = [], [], [], [], [], [], {}
         for subject in self.splits["train"]:
             vols = data.load_volumes(subject)
+            affines[subject.code] = vols["image"].affine.clone()
             for phase in data.PHASES:
                 out = self.preprocessor({**vols, "frame": subject.frame(phase)})
                 x = out["image"].as_tensor().permute(3, 0, 1, 2)  # (1, H, W, Z) -> (Z, 1, H, W)
                 seg = out["label"].as_tensor().permute(3, 0, 1, 2).round().to(torch.uint8)
+                z = torch.arange(len(x))
                 if self.dcfg["drop_empty"]:
                     keep = (seg > 0).flatten(1).any(1)
-                    x, seg = x[keep], seg[keep]
+                    x, seg, z = x[keep], seg[keep], z[keep]
                 xs.append(x.float())
                 segs.append(seg)
                 groups += [self.group_index(subject)] * len(x)
                 cases += [subject.code] * len(x)
+                slices += [(subject.code, phase, int(k)) for k in z]
                 if "cls" in self.heads:
                     classes += [self.class_index(subject)] * len(x)
         ds = SliceDataset(
@@ -234,6 +235,8 @@ class MMSPipeline(Pipeline):
             augmentation(self.dcfg["flip"]) if self.dcfg["augment"] else None,
         )
         ds.cases = cases  # the subject of every slice (held out together)
+        ds.slices = slices  # (subject, phase, z) of every slice: where its teacher probabilities come from
+        ds.affines = affines  # each training subject's native affine (its probabilities' grid)
         return ds
 
     @property
@@ -263,6 +266,31 @@ class MMSPipeline(Pipeline):
 
     def train_is_random(self) -> bool:
         return bool(self.dcfg["augment"])
+
+    def teacher_targets(self, source: Path) -> dict[str, torch.Tensor]:
+        """A teacher given as nnU-Net's saved probabilities (:mod:`mms_pipeline.soft_targets`): ``{"seg": (N, 4, H,
+        W)}``, each training slice's per-pixel probabilities in the working geometry (the spatial steps of the
+        slice's own preprocessing). Needs ``data.augment: false``: augmented slices would no longer match them."""
+        source = Path(source)
+        if self.dcfg["augment"]:
+            raise UserError(f"{source}: a teacher given as saved probabilities needs data.augment: false (random "
+                            f"augmentation would move the training slices away from the teacher's per-pixel "
+                            f"probabilities); add --set data.augment=false")
+        files = soft_targets.match_files(source, self.splits["train"], self.splits)
+        ds = self._train_set
+        positions: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for i, (code, phase, z) in enumerate(ds.slices):
+            positions.setdefault((code, phase), []).append((i, z))
+        transform = preprocess_probabilities(self.dcfg["spacing"], self.dcfg["roi"])
+        out = torch.zeros(len(ds), N_SEG, *ds.x.shape[-2:])
+        for subject in self.splits["train"]:
+            shape = nib.load(subject.image).shape[:3]
+            for phase in data.PHASES:
+                probs = soft_targets.read_probabilities(files[(subject.code, phase)], subject, shape, N_SEG)
+                work = soft_targets.to_working(probs, ds.affines[subject.code], transform)  # (C, H, W, Z)
+                for i, z in positions.get((subject.code, phase), []):
+                    out[i] = work[..., z]
+        return {"seg": out}
 
     def fingerprint(self) -> str:
         """Content hash of the metadata CSV and of every NIfTI file of the train, val and test subjects."""
@@ -483,7 +511,8 @@ class MMSPipeline(Pipeline):
             raise UserError(f"eval.metric is '{self.ecfg['metric']}' (pathology classification) with "
                             f"model.cls_head {self.mcfg['cls_head']}, which label maps cannot score; evaluate with "
                             f"eval.metric: dice, or model.cls_head: indices (pathology from the maps' indices)")
-        rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split)
+        rows, collector, naming = scoring.score_folder(Path(pred), self.splits[split], split,
+                                                       results.group_column(self.dcfg["group_by"]))
         for i, subject in enumerate(self.splits[split]):  # rows: ED then ES of each subject, in order
             self.classify_rows(subject, rows[2 * i:2 * i + 2])
         name = report.PER_CASE_FILE if split == "test" else f"per_case_{split}.csv"
@@ -493,14 +522,16 @@ class MMSPipeline(Pipeline):
         return {**self.summarise(rows), "naming": naming}
 
     def save_examples(self, rows: list[dict[str, Any]], out_dir: Path) -> None:
-        """Best and worst volume per vendor as ``out_dir/examples.npz`` (from the written predictions)."""
+        """Best and worst volume per group (vendor or centre: ``data.group_by``) as ``out_dir/examples.npz`` (from
+        the written predictions)."""
+        key = results.group_column(self.dcfg["group_by"])
         chosen: dict[tuple[str, str], dict[str, Any]] = {}
-        for vendor in sorted({r["Vendor"] for r in rows}):
-            mine = [r for r in rows if r["Vendor"] == vendor]
+        for group in sorted({str(r[key]) for r in rows}):
+            mine = [r for r in rows if str(r[key]) == group]
             for r in (max(mine, key=mean_dice), min(mine, key=mean_dice)):
                 chosen[(r["Name"], r["ED/ES"])] = r
         by_code = {s.code: s for s in self.splits["test"]}
-        collector = report.ExampleCollector()
+        collector = report.ExampleCollector(key)
         for (code, phase), row in chosen.items():
             subject = by_code[code]
             vols = data.load_volumes(subject)
@@ -519,26 +550,27 @@ class MMSPipeline(Pipeline):
         return (f"Worst-group metric: the mean Dice (over LV, MYO, RV and the ED and ES phases) of the worst test "
                 f"{group}. Average metric: the mean Dice over all test cases.")
 
+    case_unit = "subjects"
+
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """Per-case test scores for the paired per-case test, on the run's own metric (from ``per_case.csv``):
-        ``("<code> <ED|ES>", group, mean Dice)`` of each volume, or with ``eval.metric: accuracy``
-        ``("<code>", group, 1.0 | 0.0)``: whether the subject's pathology was classified correctly."""
-        path = Path(run_dir) / report.PER_CASE_FILE
-        if not path.exists():
-            return None
-        cfg_path = Path(run_dir) / "config.yaml"
-        cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
-        metric, group_by = _metric_and_grouping(cfg)
-        key = "Vendor" if group_by == "vendor" else "Centre"
-        rows = read_per_case_csv(path)
-        if metric == "accuracy":
-            return [(str(r["Name"]), str(r[key]), float(r["cls_correct"]))
-                    for r in rows if not math.isnan(r.get("cls_correct", math.nan))]
-        return [(f"{r['Name']} {r['ED/ES']}", str(r[key]), mean_dice(r)) for r in rows]
+        """One test score per subject, on the run's own metric (:func:`mms_pipeline.results.case_scores`: a
+        subject's ED and ES mean Dice averaged; or whether its pathology was right)."""
+        metric, group_by = _metric_and_grouping(results.run_config(Path(run_dir)))
+        return results.case_scores(Path(run_dir) / report.PER_CASE_FILE, metric, group_by)
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """Dice and HD95 of LV, MYO, RV per group and n subjects (:func:`mms_pipeline.results.group_breakdown`)."""
+        _, group_by = _metric_and_grouping(results.run_config(Path(run_dir)))
+        return results.group_breakdown(Path(run_dir) / report.PER_CASE_FILE, group_by)
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        return report.group_title(group, _metric_and_grouping(cfg)[1])
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
-        report.write_mms_report(run_dir, metrics, info)
+        report.write_mms_report(run_dir, metrics, {**info, "group_by": self.dcfg["group_by"]})
 
     # --- synthetic data -------------------------------------------------------------------------------------------
     @classmethod

@@ -12,14 +12,17 @@ Inputs in the run folder besides ``metrics`` and ``info``:
   ``image_{i}``             float32 (X, Y)    image slice (native geometry, slice ``slice[i]`` of (X, Y, Z))
   ``gt_{i}``, ``pred_{i}``  uint8 (X, Y)      ground truth and predicted labels of that slice
   ``caption``               str (n,)          one line describing the example
-  ``vendor``, ``kind``,     str (n,)          vendor, ``"best"`` or ``"worst"``, case name, phase
-  ``name``, ``phase``
+  ``vendor``, ``group``,    str (n,)          vendor, group (vendor or centre, as the run was grouped), ``"best"``
+  ``kind``, ``name``,                         or ``"worst"``, case name, phase (``group`` absent in older files)
+  ``phase``
   ``dice``                  float64 (n,)      mean Dice (LV, MYO, RV) of the 3-D case
   ``slice``                 int64 (n,)        index of the slice along z
   ========================  ================  ==========================================================
 
-The data pipeline fills it with an :class:`ExampleCollector` during the test evaluation: per vendor it keeps the
-case with the best and the worst mean Dice, and of each the mid-ventricular slice with the most foreground.
+The data pipeline fills it with an :class:`ExampleCollector` during the test evaluation: per group of the run's
+``data.group_by`` (vendor or centre) it keeps the case with the best and the worst mean Dice, and of each the
+mid-ventricular slice with the most foreground. Every section of the report is per that grouping (``info["group_by"]``,
+else inferred from the group names): headline, tables, intervals, box plots, examples; the other grouping is folded.
 """
 from __future__ import annotations
 
@@ -38,14 +41,14 @@ from groupdistil.io import atomic_write_bytes
 from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
-from .data import VENDOR_NAMES
+from .data import VENDOR_CENTRES, VENDOR_NAMES
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
 
 PER_CASE_FILE = "per_case.csv"
 EXAMPLES_FILE = "examples.npz"
 BOXPLOT_FILE = "report_dice_boxplot.png"
 EXAMPLES_PNG = "report_examples.png"
-_STR_FIELDS = ("caption", "vendor", "kind", "name", "phase")
+_STR_FIELDS = ("caption", "vendor", "group", "kind", "name", "phase")
 #: overlay colours of LV, MYO, RV
 _COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.5), (0.2, 0.8, 0.2, 0.5), (0.2, 0.4, 1.0, 0.5)])
 EMPTY_NOTE = (
@@ -78,41 +81,45 @@ class _Candidate:
 
 
 class ExampleCollector:
-    """Keeps, per vendor, the 3-D cases with the best and the worst mean Dice, as one 2-D slice each.
+    """Keeps, per group (the per-case column ``key``: ``Vendor``, or ``Centre`` with ``data.group_by: centre``), the
+    3-D cases with the best and the worst mean Dice, as one 2-D slice each.
 
     Call :meth:`add` for every evaluated volume (row: its per-case row; image, gt, pred: (X, Y, Z) arrays in
-    native geometry), then :meth:`examples` or :meth:`save`. Memory: two slices per vendor.
+    native geometry), then :meth:`examples` or :meth:`save`. Memory: two slices per group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: str = "Vendor") -> None:
+        self.key = key
         self._best: dict[str, _Candidate] = {}
         self._worst: dict[str, _Candidate] = {}
 
     def add(self, row: Mapping[str, Any], image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> None:
-        vendor, d = str(row["Vendor"]), mean_dice(row)
-        best, worst = self._best.get(vendor), self._worst.get(vendor)
+        group, d = str(row[self.key]), mean_dice(row)
+        best, worst = self._best.get(group), self._worst.get(group)
         if best is not None and worst is not None and worst.dice <= d <= best.dice:
             return
         z = example_slice(gt, pred)
         ex = {"image": np.asarray(image[:, :, z], dtype=np.float32), "gt": np.asarray(gt[:, :, z], dtype=np.uint8),
-              "pred": np.asarray(pred[:, :, z], dtype=np.uint8), "vendor": vendor, "name": str(row.get("Name", "")),
-              "phase": str(row.get("ED/ES", "")), "dice": d, "slice": z}
+              "pred": np.asarray(pred[:, :, z], dtype=np.uint8), "vendor": str(row.get("Vendor", "")),
+              "group": group, "name": str(row.get("Name", "")), "phase": str(row.get("ED/ES", "")), "dice": d,
+              "slice": z}
         if best is None or d > best.dice:
-            self._best[vendor] = _Candidate(d, ex)
+            self._best[group] = _Candidate(d, ex)
         if worst is None or d < worst.dice:
-            self._worst[vendor] = _Candidate(d, ex)
+            self._worst[group] = _Candidate(d, ex)
 
     def examples(self) -> list[dict[str, Any]]:
-        """Best then worst example of each vendor (sorted); one example when a vendor has a single case."""
+        """Best then worst example of each group (sorted); one example when a group has a single case."""
         out = []
-        for vendor in sorted(self._best):
-            pairs = [("best", self._best[vendor])]
-            if self._worst[vendor].example is not self._best[vendor].example:
-                pairs.append(("worst", self._worst[vendor]))
+        for group in sorted(self._best, key=lambda g: (len(g), g)):
+            pairs = [("best", self._best[group])]
+            if self._worst[group].example is not self._best[group].example:
+                pairs.append(("worst", self._worst[group]))
             for kind, cand in pairs:
                 ex = dict(cand.example, kind=kind)
                 case = ex["name"] if ex["name"].endswith(ex["phase"]) else f"{ex['name']} {ex['phase']}"
-                ex["caption"] = f"vendor {vendor}, {kind}: {case}, mean Dice {ex['dice']:.3f}, slice {ex['slice']}"
+                ex["caption"] = (f"{self.key.lower()} {_group_name(group, self.key)}, {kind}: {case}, mean Dice "
+                                 f"{ex['dice']:.3f}, slice {ex['slice']}")
                 out.append(ex)
         return out
 
@@ -144,21 +151,32 @@ def load_examples(path: str | Path) -> list[dict[str, Any]]:
     with np.load(path, allow_pickle=False) as z:
         n = len(z["caption"])
         return [{"image": z[f"image_{i}"], "gt": z[f"gt_{i}"], "pred": z[f"pred_{i}"],
-                 **{f: str(z[f][i]) for f in _STR_FIELDS}, "dice": float(z["dice"][i]), "slice": int(z["slice"][i])}
+                 **{f: str(z[f][i]) if f in z.files else "" for f in _STR_FIELDS}, "dice": float(z["dice"][i]),
+                 "slice": int(z["slice"][i])}
                 for i in range(n)]
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
-def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """One PNG: a panel per structure, a box of per-volume Dice per vendor (ED and ES side by side)."""
-    vendors = sorted({str(r["Vendor"]) for r in rows})
+def _subject(row: Mapping[str, Any]) -> str:
+    """The subject of a per-case row (``Code``, else ``Name``)."""
+    return str(row.get("Code") or row["Name"])
+
+
+def _sorted_groups(rows: Sequence[Mapping[str, Any]], key: str) -> list[str]:
+    return sorted({str(r[key]) for r in rows}, key=lambda g: (len(g), g))
+
+
+def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path, key: str = "Vendor") -> Path:
+    """One PNG: a panel per structure, a box of per-volume Dice per group (the per-case column ``key``: ``Vendor``
+    or ``Centre``; ED and ES side by side, each box over the group's subjects)."""
+    vendors = _sorted_groups(rows, key)
     phases = sorted({str(r.get("ED/ES", "")) for r in rows})
     fig = Figure(figsize=(4.2 * len(STRUCTURES), 3.6))
     width = 0.8 / len(phases)
     for k, s in enumerate(STRUCTURES):
         ax = fig.add_subplot(1, len(STRUCTURES), k + 1)
         for j, ph in enumerate(phases):
-            data = [[d for r in rows if str(r["Vendor"]) == v and str(r.get("ED/ES", "")) == ph
+            data = [[d for r in rows if str(r[key]) == v and str(r.get("ED/ES", "")) == ph
                      and not math.isnan(d := float(r[f"Dice {s}"]))] for v in vendors]
             pos = np.arange(len(vendors)) + (j - (len(phases) - 1) / 2) * width
             keep = [i for i, d in enumerate(data) if d]
@@ -168,8 +186,10 @@ def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
                 box.set_alpha(0.6)
             if ph:
                 ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=ph)
-        counts = [sum(str(r["Vendor"]) == v for r in rows) for v in vendors]
-        ax.set_xticks(np.arange(len(vendors)), [f"{v}\n(n={c})" for v, c in zip(vendors, counts)])
+        subjects = [len({_subject(r) for r in rows if str(r[key]) == v}) for v in vendors]
+        ticks = [f"{_group_name(v, key).replace(' (', chr(10) + '(', 1)}\n{c} subj." for v, c in zip(vendors, subjects)]
+        ax.set_xticks(np.arange(len(vendors)), ticks, fontsize=7)
+        ax.set_xlabel(key.lower())
         ax.set_title(f"Dice {s}")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(axis="y", alpha=0.3)
@@ -217,30 +237,42 @@ def _groups(summary: Mapping[str, Any]) -> list[str]:
 
 
 def _group_table(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]], group_label: str,
-                 extra: Mapping[str, Mapping[str, Any]] | None = None,
-                 show_excluded: bool = False) -> tuple[list[str], list[list[Any]]]:
+                 extra: Mapping[str, Mapping[str, Any]] | None = None, show_excluded: bool = False,
+                 per_subject: bool = False) -> tuple[list[str], list[list[Any]]]:
     """Rows ``group, n, mean ± std of each (header, metric, digits)``, then a row naming the worst group per column.
 
-    ``n``: most values (excluded ones included) of any shown metric. ``extra``: ``{header: {group: value}}``
-    columns of plain higher-is-better values (classification accuracy)."""
+    ``n``: most values (excluded ones included) of any shown metric: volumes (subjects = volumes / 2, ED and ES), or
+    subjects for ``per_subject`` metrics (clinical indices, on the ED row only). ``extra``: ``{header: {group:
+    value}}`` columns of plain higher-is-better values (classification accuracy)."""
     extra = extra or {}
-    headers = [group_label, "volumes (subjects)", *[h for h, _, _ in columns], *extra]
+    headers = [group_label, "subjects" if per_subject else "volumes (subjects)", *[h for h, _, _ in columns], *extra]
     worst = summary.get("worst", {})
     rows: list[list[Any]] = []
     for g in _groups(summary):
         n = max((summary[g].get(m, {}).get("n", 0) + summary[g].get(m, {}).get("n_excluded", 0)
                  for _, m, _ in columns), default=0)
-        rows.append([_group_name(g, group_label), f"{n} ({n // 2})" if n else "0",
+        rows.append([_group_name(g, group_label), str(n) if per_subject or not n else f"{n} ({n // 2})",
                      *[_cell(summary[g], m, d, show_excluded) for _, m, d in columns],
                      *[fmt(vals.get(g)) for vals in extra.values()]])
-    worst_extra = [min(vals, key=lambda k: vals[k]) if vals else "-" for vals in extra.values()]
-    rows.append(["worst", "", *[worst.get(_abs(m), {}).get("group", "-") for _, m, _ in columns], *worst_extra])
+    worst_extra = [_group_name(min(vals, key=lambda k: vals[k]), group_label) if vals else "-"
+                   for vals in extra.values()]
+    named = [worst.get(_abs(m), {}).get("group") for _, m, _ in columns]
+    rows.append(["worst", "", *["-" if g is None else _group_name(str(g), group_label) for g in named],
+                 *worst_extra])
     return headers, rows
 
 
 def _group_name(g: str, group_label: str) -> str:
-    """``B (Philips)`` for a vendor letter; other groups as they are."""
-    return f"{g} ({VENDOR_NAMES[g]})" if group_label == "Vendor" and g in VENDOR_NAMES else str(g)
+    """``B (Philips)`` for a vendor letter, ``3 (B, Philips)`` for a centre (its vendor); others as they are."""
+    if group_label == "Vendor" and g in VENDOR_NAMES:
+        return f"{g} ({VENDOR_NAMES[g]})"
+    vendor = next((v for v, centres in VENDOR_CENTRES.items() if str(g) in map(str, centres)), None)
+    return f"{g} ({vendor}, {VENDOR_NAMES[vendor]})" if group_label == "Centre" and vendor else str(g)
+
+
+def group_title(group: str, group_by: str) -> str:
+    """How reports show a group of ``data.group_by`` (``vendor`` or ``centre``): ``A (Siemens)``, ``1 (A, Siemens)``."""
+    return _group_name(str(group), "Vendor" if group_by == "vendor" else "Centre")
 
 
 def _dice_columns() -> list[tuple[str, str, int]]:
@@ -256,13 +288,44 @@ def _clinical_columns() -> list[tuple[str, str, int]]:
     return [(f"{idx} err ({unit.get(idx.split()[-1], 'ml')})", f"{idx} err", 1) for idx in CLINICAL_INDICES]
 
 
-def _cls_accuracy(ev: Mapping[str, Any]) -> dict[str, float]:
+@dataclass(frozen=True)
+class Grouping:
+    """The grouping a report is written for (the run's ``data.group_by``): ``name`` ``vendor`` or ``centre``; its
+    per-case column :attr:`key` and the summary of ``metrics.json`` it reads (:attr:`summary`)."""
+
+    name: str
+
+    @property
+    def key(self) -> str:
+        return self.name.capitalize()
+
+    @property
+    def summary(self) -> str:
+        return f"by_{self.name}"
+
+    @property
+    def other(self) -> Grouping:
+        return Grouping("centre" if self.name == "vendor" else "vendor")
+
+
+def grouping_of(info: Mapping[str, Any], ev: Mapping[str, Any]) -> Grouping:
+    """``info["group_by"]`` (what the pipeline passes), else inferred: centres when every evaluated group is a
+    number, else vendors."""
+    if info.get("group_by") in ("vendor", "centre"):
+        return Grouping(str(info["group_by"]))
+    groups = list(ev.get("group_metric") or {})
+    return Grouping("centre" if groups and all(str(g).isdigit() for g in groups) else "vendor")
+
+
+def _cls_accuracy(ev: Mapping[str, Any], grouping: Grouping = Grouping("vendor")) -> dict[str, float]:
+    """Per-subject pathology accuracy per group: ``cls_acc_by_vendor`` for vendors, else the groups' mean of
+    ``cls_correct`` in the summary."""
     acc = ev.get("cls_acc_by_vendor")
-    if isinstance(acc, Mapping) and acc:
+    if grouping.name == "vendor" and isinstance(acc, Mapping) and acc:
         return {str(k): float(v) for k, v in acc.items() if v is not None}
-    by_vendor = ev.get("by_vendor", {})
-    return {g: by_vendor[g]["cls_correct"]["mean"] for g in _groups(by_vendor)
-            if by_vendor[g].get("cls_correct", {}).get("mean") is not None}
+    summary = ev.get(grouping.summary, {})
+    return {g: summary[g]["cls_correct"]["mean"] for g in _groups(summary)
+            if summary[g].get("cls_correct", {}).get("mean") is not None}
 
 
 def _present(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
@@ -280,105 +343,119 @@ CLS_SOURCES = {
 }
 
 
-def _vendor_section(doc: Doc, ev: Mapping[str, Any], title: str) -> None:
+def _group_section(doc: Doc, ev: Mapping[str, Any], title: str, gr: Grouping) -> None:
+    """The headline and the tables per group of the run's grouping ``gr``."""
     doc.heading(title)
-    by_vendor = ev.get("by_vendor")
-    if not by_vendor:
-        doc.para("No per-vendor summary in metrics.json.")
+    summary = ev.get(gr.summary)
+    if not summary:
+        doc.para(f"No per-{gr.name} summary in metrics.json.")
         return
-    cls = _cls_accuracy(ev)
-    worst = by_vendor.get("worst", {}).get(MEAN_DICE, {})
+    cls = _cls_accuracy(ev, gr)
+    worst = summary.get("worst", {}).get(MEAN_DICE, {})
     if worst:
         groups = ev.get("group_metric") or {}
-        headline = min(groups, key=groups.__getitem__) if groups else "-"
-        doc.para(f"Worst vendor by mean Dice: {_group_name(worst['group'], 'Vendor')} ({fmt(worst['value'])}). "
-                 f"The run's headline, over the groups it was trained and selected on ({', '.join(map(str, groups))}): "
-                 f"worst_group_metric = {fmt(ev.get('worst_group_metric'))} (group {headline}), "
+        headline = _group_name(min(groups, key=groups.__getitem__), gr.key) if groups else "-"
+        doc.para(f"Worst {gr.name} by mean Dice: {_group_name(worst['group'], gr.key)} ({fmt(worst['value'])}). "
+                 f"The run's headline, over the {gr.name}s it was trained and selected on "
+                 f"({', '.join(_group_name(str(g), gr.key) for g in groups)}): "
+                 f"worst_group_metric = {fmt(ev.get('worst_group_metric'))} ({gr.name} {headline}), "
                  f"average_metric = {fmt(ev.get('average_metric'))}. Tables count volumes (subject x ED/ES) and, "
                  f"in brackets, subjects.")
-    doc.table(*_group_table(by_vendor, _present(by_vendor, _dice_columns()), "Vendor",
+    doc.table(*_group_table(summary, _present(summary, _dice_columns()), gr.key,
                             extra={"cls accuracy": cls} if cls else None))
-    if ev.get("worst_vendor_cls_acc") is not None:
+    if ev.get("worst_vendor_cls_acc") is not None and cls:
         how = CLS_SOURCES.get(ev.get("cls_from", "encoder"), "")
-        doc.para(f"Worst-vendor pathology accuracy: {fmt(ev.get('worst_vendor_cls_acc'))} (per subject; {how}).")
-    doc.table(*_group_table(by_vendor, _present(by_vendor, _distance_columns()), "Vendor", show_excluded=True))
-    clinical = _present(by_vendor, _clinical_columns())
+        doc.para(f"Worst-{gr.name} pathology accuracy: {fmt(min(cls.values()))} (per subject; {how}).")
+    doc.table(*_group_table(summary, _present(summary, _distance_columns()), gr.key, show_excluded=True))
+    clinical = _present(summary, _clinical_columns())
     if clinical:
         doc.para("Clinical indices: error = predicted - true, mean ± std (MAE: mean absolute error); "
-                 "the worst row names the vendor with the largest MAE.")
-        doc.table(*_group_table(by_vendor, clinical, "Vendor"))
+                 f"the worst row names the {gr.name} with the largest MAE.")
+        doc.table(*_group_table(summary, clinical, gr.key, per_subject=True))
 
 
-def _phase_section(doc: Doc, rows: Sequence[Mapping[str, Any]]) -> None:
+def _phase_section(doc: Doc, rows: Sequence[Mapping[str, Any]], gr: Grouping = Grouping("vendor")) -> None:
     phases = sorted({str(r.get("ED/ES", "")) for r in rows} - {""})
     if not phases:
         return
-    summaries = {ph: summarise([r for r in rows if str(r.get("ED/ES")) == ph], "Vendor") for ph in phases}
-    vendors = sorted({v for s in summaries.values() for v in _groups(s)})
-    headers = ["Vendor", *[f"Dice {s} {ph}" for ph in phases for s in STRUCTURES]]
-    table = [[v, *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases for s in STRUCTURES]]
-             for v in vendors]
-    doc.heading("Test: Dice per vendor and phase")
+    summaries = {ph: summarise([r for r in rows if str(r.get("ED/ES")) == ph], gr.key) for ph in phases}
+    groups = sorted({v for s in summaries.values() for v in _groups(s)}, key=lambda g: (len(g), g))
+    headers = [gr.key, *[f"Dice {s} {ph}" for ph in phases for s in STRUCTURES]]
+    table = [[_group_name(v, gr.key), *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases
+                                        for s in STRUCTURES]]
+             for v in groups]
+    doc.heading(f"Test: Dice per {gr.name} and phase")
     doc.table(headers, table)
 
 
 CI_COLUMNS = (MEAN_DICE, *(f"Dice {s}" for s in STRUCTURES))
-CI_NOTE = (
-    f"95% percentile bootstrap intervals over subjects: {N_BOOT} resamples (seed {BOOT_SEED}) of each vendor's "
-    "subjects, drawn with replacement, a subject's ED and ES volumes kept together (they are not independent), "
-    "vendor sizes kept. They say how much a vendor's mean Dice could move with other test subjects of that vendor, "
-    "not with another training seed. 'worst vendor' is the lowest vendor mean on each resample (the worst vendor may "
-    "change), 'all volumes' the mean over every volume. With a handful of subjects the interval is itself unreliable "
-    "(and a single subject gives a point); overlapping intervals do not show that two vendors are alike.")
 
 
-def dice_bootstrap(rows: Sequence[Mapping[str, Any]]) -> GroupBootstrap:
-    """Per-vendor bootstrap (:func:`groupdistil.stats.bootstrap_group_means`) of the ``CI_COLUMNS`` of per-case
-    rows, resampling subjects (``Code``, else ``Name``) within each vendor, so ED and ES stay together."""
+def ci_note(group: str = "vendor") -> str:
+    """The explanation of the bootstrap table per ``group`` (vendor or centre)."""
+    return (
+        f"95% percentile bootstrap intervals over subjects: {N_BOOT} resamples (seed {BOOT_SEED}) of each {group}'s "
+        "subjects, drawn with replacement, a subject's ED and ES volumes kept together (they are not independent), "
+        f"{group} sizes kept. They say how much a {group}'s mean Dice could move with other test subjects of that "
+        f"{group}, not with another training seed. 'worst {group}' is the lowest {group} mean on each resample (the "
+        f"worst {group} may change), 'all volumes' the mean over every volume. With a handful of subjects the "
+        "interval is itself unreliable (and a single subject gives a point); overlapping intervals do not show that "
+        f"two {group}s are alike.")
+
+
+def dice_bootstrap(rows: Sequence[Mapping[str, Any]], key: str = "Vendor") -> GroupBootstrap:
+    """Per-group bootstrap (:func:`groupdistil.stats.bootstrap_group_means`; groups: the per-case column ``key``) of
+    the ``CI_COLUMNS`` of per-case rows, resampling subjects (``Code``, else ``Name``) within each group, so ED and
+    ES stay together."""
     values = [[mean_dice(r), *(float(r[f"Dice {s}"]) for s in STRUCTURES)] for r in rows]
-    vendors = sorted({str(r["Vendor"]) for r in rows})
-    return bootstrap_group_means(values, [str(r["Vendor"]) for r in rows],
-                                 [str(r.get("Code") or r["Name"]) for r in rows], group_names=vendors)
+    return bootstrap_group_means(values, [str(r[key]) for r in rows], [_subject(r) for r in rows],
+                                 group_names=_sorted_groups(rows, key))
 
 
 def _ci_text(ci: Any) -> str:
     return "-" if math.isnan(ci.low) else f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
 
-def _ci_section(doc: Doc, rows: Sequence[Mapping[str, Any]], split: str) -> None:
-    boot = dice_bootstrap(rows)
-    sizes = [sum(str(r["Vendor"]) == v for r in rows) for v in boot.groups]
-    table = [[v, int(boot.n_units[i]), *[_ci_text(boot.group_ci(v, j)) for j in range(len(CI_COLUMNS))]]
+def _ci_section(doc: Doc, rows: Sequence[Mapping[str, Any]], split: str, gr: Grouping = Grouping("vendor")) -> None:
+    boot = dice_bootstrap(rows, gr.key)
+    sizes = [sum(str(r[gr.key]) == v for r in rows) for v in boot.groups]
+    table = [[_group_name(v, gr.key), int(boot.n_units[i]),
+              *[_ci_text(boot.group_ci(v, j)) for j in range(len(CI_COLUMNS))]]
              for i, v in enumerate(boot.groups)]
-    table.append(["worst vendor", int(boot.n_units.sum()),
+    table.append([f"worst {gr.name}", int(boot.n_units.sum()),
                   *[_ci_text(boot.worst_ci(j)) for j in range(len(CI_COLUMNS))]])
     table.append(["all volumes", int(boot.n_units.sum()),
                   *[_ci_text(boot.weighted_ci(sizes, j)) for j in range(len(CI_COLUMNS))]])
-    doc.heading(f"{split}: mean Dice per vendor with 95% bootstrap intervals")
-    doc.table(["Vendor", "subjects", *CI_COLUMNS], table)
-    doc.para(CI_NOTE, note=True)
+    doc.heading(f"{split}: mean Dice per {gr.name} with 95% bootstrap intervals")
+    doc.table([gr.key, "subjects", *CI_COLUMNS], table)
+    doc.para(ci_note(gr.name), note=True)
 
 
-def _centre_section(doc: Doc, ev: Mapping[str, Any]) -> None:
-    by_centre = ev.get("by_centre")
-    if not by_centre:
+def _other_grouping_section(doc: Doc, ev: Mapping[str, Any], gr: Grouping) -> None:
+    """The grouping the run does not use (centres of a vendor run, vendors of a centre run), folded."""
+    other = gr.other
+    summary = ev.get(other.summary)
+    if not summary:
         return
-    cols = _present(by_centre, _dice_columns() + [(f"HD {s} (mm)", f"Hausdorff {s}", 2) for s in STRUCTURES])
+    cols = _present(summary, _dice_columns() + [(f"HD {s} (mm)", f"Hausdorff {s}", 2) for s in STRUCTURES])
     folded = Doc()
-    folded.table(*_group_table(by_centre, cols, "Centre"))
-    doc.heading("Test: per centre")
-    doc.details("Dice and Hausdorff per centre", folded)
+    folded.table(*_group_table(summary, cols, other.key))
+    doc.heading(f"Test: per {other.name}")
+    doc.details(f"Dice and Hausdorff per {other.name} (this run is grouped by {gr.name})", folded)
 
 
 def _model_section(doc: Doc, info: Mapping[str, Any]) -> None:
     def params(v: Any) -> str:
         return f"{int(v):,}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
-    role = "student" if info.get("teacher_params") is not None else "model"  # a teacher run has no teacher
+    probabilities = info.get("teacher")  # a teacher given as saved probabilities: no model, not evaluated
+    role = "student" if info.get("teacher_params") is not None or probabilities else "model"  # a teacher run: none
     rows = [[role, params(info.get("params")), fmt(info.get("infer_seconds_per_case"), 4)]]
     if info.get("teacher_params") is not None or info.get("teacher_infer_seconds_per_case") is not None:
         rows.append(["teacher", params(info.get("teacher_params")),
                      fmt(info.get("teacher_infer_seconds_per_case"), 4)])
+    elif probabilities:
+        rows.append([f"teacher (saved probabilities {probabilities}: no model, not evaluated)", "-", "-"])
     doc.heading("Model size and speed")
     doc.table(["model", "parameters", "inference s / volume"], rows)
     if info.get("machine"):
@@ -413,7 +490,9 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
     ``seed``, ``train_seconds``, ``params``, ``teacher_params``, ``infer_seconds_per_case``,
     ``teacher_infer_seconds_per_case``; any may be missing. With ``predictions`` in ``info`` (``groupdistil evaluate``:
     also ``naming``, ``data_root``) the report describes scored predictions: no model, timing or checkpoint sections.
-    The per-vendor bootstrap intervals (:func:`dice_bootstrap`) come from ``per_case.csv``.
+    ``info["group_by"]`` (``vendor`` or ``centre``; inferred from the group names when absent) is the grouping of
+    every section: headline, tables, bootstrap intervals, box plots, examples; the other grouping is folded. The
+    bootstrap intervals (:func:`dice_bootstrap`) come from ``per_case.csv``.
     """
     run_dir = Path(run_dir)
     ev = metrics.get("test") or metrics.get("val") or {}
@@ -427,26 +506,27 @@ def write_mms_report(run_dir: Path, metrics: Mapping[str, Any], info: Mapping[st
         doc.para(f"Method: {info.get('method', '-')}, seed {fmt(info.get('seed'))}, "
                  f"training time {fmt(info.get('train_seconds'), 0)} s.")
         _model_section(doc, info)
-    _vendor_section(doc, ev, f"{split}: per vendor")
+    gr = grouping_of(info, ev)
+    _group_section(doc, ev, f"{split}: per {gr.name}", gr)
     teacher = ev.get("teacher")
-    if isinstance(teacher, Mapping) and teacher.get("by_vendor"):
-        doc.heading(f"{split}: teacher per vendor")
-        doc.table(*_group_table(teacher["by_vendor"], _present(teacher["by_vendor"], _dice_columns()), "Vendor"))
+    if isinstance(teacher, Mapping) and teacher.get(gr.summary):
+        doc.heading(f"{split}: teacher per {gr.name}")
+        doc.table(*_group_table(teacher[gr.summary], _present(teacher[gr.summary], _dice_columns()), gr.key))
     per_case = run_dir / PER_CASE_FILE
     rows = read_per_case_csv(per_case) if per_case.exists() else []
     if rows:
-        _ci_section(doc, rows, "Test")
-        _phase_section(doc, rows)
-        doc.heading("Dice per vendor")
-        doc.image(dice_boxplot(rows, run_dir / BOXPLOT_FILE), "Dice box plots")
+        _ci_section(doc, rows, "Test", gr)
+        _phase_section(doc, rows, gr)
+        doc.heading(f"Dice per {gr.name}")
+        doc.image(dice_boxplot(rows, run_dir / BOXPLOT_FILE, gr.key), "Dice box plots")
     else:
         doc.para(f"No {PER_CASE_FILE}: no box plots.")
     examples_path = run_dir / EXAMPLES_FILE
     if examples_path.exists() and (examples := load_examples(examples_path)):
-        doc.heading("Examples: best and worst case per vendor")
+        doc.heading(f"Examples: best and worst case per {gr.name}")
         doc.para("Mid-ventricular slice; LV red, MYO green, RV blue.")
         doc.image(examples_figure(examples, run_dir / EXAMPLES_PNG), "example slices")
-    _centre_section(doc, ev)
+    _other_grouping_section(doc, ev, gr)
     if not scored:
         _selection_section(doc, metrics)
     doc.heading("How empty predictions are scored")

@@ -55,11 +55,17 @@ def subject_rows(subject: data.Subject, preds: Mapping[str, np.ndarray], gts: Ma
     return rows
 
 
+def nnunet_case(subject: data.Subject, phase: str) -> str:
+    """nnU-Net's case name of a subject's ``phase`` after its M&Ms conversion: ``<code>_frame<NN>``, NN the 0-based
+    ED or ES frame index, two digits."""
+    return f"{subject.code}_frame{subject.frame(phase):02d}"
+
+
 def file_name(subject: data.Subject, phase: str, naming: str) -> str:
     """The file name of a subject's prediction of ``phase`` under ``naming`` (see the module docstring)."""
     if naming == "groupdistil":
         return f"{subject.code}_sa_{phase}.nii.gz"
-    return f"{subject.code}_frame{subject.frame(phase):02d}.nii.gz"
+    return f"{nnunet_case(subject, phase)}.nii.gz"
 
 
 def _pattern(naming: str) -> str:
@@ -130,13 +136,14 @@ def read_prediction(path: Path, subject: data.Subject) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def score_folder(pred_dir: Path, subjects: Sequence[data.Subject],
-                 split: str) -> tuple[list[dict[str, Any]], ExampleCollector, str]:
-    """Per-case rows of every subject of ``split`` (in order), the best and worst example per vendor, and the
-    naming the folder used. The folder's file names are checked first; each file when its subject is scored."""
+def score_folder(pred_dir: Path, subjects: Sequence[data.Subject], split: str,
+                 group_key: str = "Vendor") -> tuple[list[dict[str, Any]], ExampleCollector, str]:
+    """Per-case rows of every subject of ``split`` (in order), the best and worst example per group (the per-case
+    column ``group_key``: ``Vendor`` or ``Centre``), and the naming the folder used. The folder's file names are
+    checked first; each file when its subject is scored."""
     naming, files = match_files(pred_dir, subjects, split)
     rows: list[dict[str, Any]] = []
-    collector = ExampleCollector()
+    collector = ExampleCollector(group_key)
     for s in subjects:
         preds = {ph: read_prediction(files[(s.code, ph)], s) for ph in data.PHASES}
         vols = data.load_volumes(s)

@@ -58,17 +58,45 @@ class SelectFramed(MapTransform):
         return d
 
 
+def _resample(keys: Sequence[str], spacing: Sequence[float], mode: Sequence[str]) -> Spacingd:
+    """Step 2: in-plane resampling to ``spacing`` (mm), the slice spacing kept."""
+    return Spacingd(list(keys), pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=tuple(mode),
+                    allow_missing_keys=True)
+
+
+def _crop_or_pad(keys: Sequence[str], roi: Sequence[int]) -> ResizeWithPadOrCropd:
+    """Step 4: centre crop / zero pad in-plane to ``roi`` (H, W)."""
+    return ResizeWithPadOrCropd(list(keys), spatial_size=(int(roi[0]), int(roi[1]), -1), allow_missing_keys=True)
+
+
 def preprocess(spacing: Sequence[float], roi: Sequence[int], percentiles: Sequence[float]) -> Compose:
     """Deterministic per-phase preprocessing (see the module docstring); ``label`` may be absent."""
     keys = list(VOLUME_KEYS)
     return Compose([
         SelectFramed(keys, allow_missing_keys=True),
-        Spacingd(keys, pixdim=(float(spacing[0]), float(spacing[1]), -1.0), mode=("bilinear", "nearest"),
-                 allow_missing_keys=True),
+        _resample(keys, spacing, ("bilinear", "nearest")),
         ScaleIntensityRangePercentilesd("image", lower=float(percentiles[0]), upper=float(percentiles[1]),
                                         b_min=0.0, b_max=1.0, clip=True),
-        ResizeWithPadOrCropd(keys, spatial_size=(int(roi[0]), int(roi[1]), -1), allow_missing_keys=True),
+        _crop_or_pad(keys, roi),
     ])
+
+
+def preprocess_probabilities(spacing: Sequence[float], roi: Sequence[int]) -> Compose:
+    """The spatial steps of :func:`preprocess` (2 and 4, the same parameters, so the same working grid) for
+    ``{"probs": (C, X, Y, Z)}``: class probabilities of one phase in its image's native geometry (MetaTensor with the
+    image's affine), resampled bilinearly (a convex combination of distributions stays one). Intensity scaling is
+    for images only. Padded positions come out all zero: see :func:`fill_padding`."""
+    return Compose([_resample(["probs"], spacing, ("bilinear",)), _crop_or_pad(["probs"], roi)])
+
+
+def fill_padding(probs: torch.Tensor) -> torch.Tensor:
+    """``(C, ...)`` probabilities after :func:`preprocess_probabilities`: positions that the crop/pad filled with
+    zeros (sum over classes < 0.5) become background (class 0) with probability 1, as the label is padded with 0;
+    the others are renormalised to sum to 1."""
+    total = probs.sum(0, keepdim=True)
+    background = torch.zeros_like(probs)
+    background[0] = 1.0
+    return torch.where(total < 0.5, background, probs / total.clamp_min(1e-12))
 
 
 def augmentation(flip: bool = False) -> Compose:

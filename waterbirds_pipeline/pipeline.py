@@ -25,6 +25,9 @@ from .data import IMAGENET_MEAN, IMAGENET_STD, ImageStore, WaterbirdsDataset, re
 from .metrics import accuracy_summary
 from .models import build_model
 
+#: the file a folder of saved Waterbirds teacher probabilities holds (``--teacher FOLDER``)
+TEACHER_PROBS_CSV = "teacher_probs.csv"
+
 
 class WaterbirdsPipeline(Pipeline):
     """Waterbirds (or its synthetic stand-in): data, ResNet classifiers, group accuracies and the report."""
@@ -82,6 +85,24 @@ class WaterbirdsPipeline(Pipeline):
     def fingerprint(self) -> str:
         """Content hash of ``metadata.csv`` and of every image it lists (see :func:`metadata.fingerprint`)."""
         return metadata.fingerprint(self.root, self.meta)
+
+    def teacher_targets(self, source: Path) -> dict[str, torch.Tensor]:
+        """A teacher's saved class probabilities of the training images (:data:`TEACHER_PROBS_CSV` in the folder
+        ``source``, or the CSV file ``source``; format: :func:`waterbirds_pipeline.report.read_teacher_probabilities`)
+        as ``{"cls": (N_train, 2)}`` in training order. They are per image, so with ``data.augment: true`` every
+        augmented view of an image is distilled towards its image's probabilities."""
+        source = Path(source)
+        path = source / TEACHER_PROBS_CSV if source.is_dir() else source
+        if source.is_dir() and not path.is_file():
+            raise UserError(f"{source}: no {TEACHER_PROBS_CSV} in this folder (a Waterbirds teacher given as saved "
+                            f"probabilities is a CSV with columns img_id, {', '.join(report.PROB_COLUMNS)} covering "
+                            f"every training image)")
+        if path.suffix.lower() != ".csv":
+            columns = ", ".join(report.PROB_COLUMNS)
+            raise UserError(f"{path}: not a CSV; a Waterbirds teacher given as saved probabilities is a CSV (or a "
+                            f"folder holding {TEACHER_PROBS_CSV}) with columns img_id, {columns}")
+        probs = report.read_teacher_probabilities(path, self.meta)
+        return {"cls": torch.as_tensor(probs, dtype=torch.float32)}
 
     def _images(self, split: str) -> ImageStore:
         """The split's images, decoded and resized once per pipeline (when ``data.cache_images``)."""
@@ -181,6 +202,8 @@ class WaterbirdsPipeline(Pipeline):
         return ("Worst-group metric: the lowest test accuracy over the four (bird, background) groups. Average "
                 "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
                 "paper's average; not the raw test accuracy).")
+
+    case_unit: ClassVar[str] = "images"
 
     @classmethod
     def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:

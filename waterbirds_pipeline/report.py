@@ -7,7 +7,7 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -16,6 +16,7 @@ from groupdistil.errors import UserError
 from groupdistil.io import atomic_write_text
 from groupdistil.report import Doc, fmt, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, BootstrapCI, bootstrap_group_means
+from groupdistil.teacher import probabilities_problem
 
 from .metadata import CLASS_NAMES, METADATA, SPLITS, Metadata
 from .metrics import ACCURACY_DEFINITIONS
@@ -62,6 +63,53 @@ def read_predictions(path: Path, meta: Metadata, split: str) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: not a file (Waterbirds predictions are a CSV with columns img_id, prediction)")
+
+    def parse(row: dict[str, str], where: str) -> int:
+        value = (row.get("prediction") or "").strip()
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if number not in (0.0, 1.0):
+            raise UserError(f"{where}: prediction '{value}' is not a class (0 {CLASS_NAMES[0]}, 1 {CLASS_NAMES[1]})")
+        return int(number)
+
+    values = read_image_table(path, meta, split, ("prediction",), parse, "prediction")
+    return np.asarray(values, dtype=np.int64)
+
+
+#: the columns of a teacher-probabilities CSV after ``img_id``: ``p<k>`` the probability of class k
+PROB_COLUMNS = tuple(f"p{k}" for k in range(len(CLASS_NAMES)))
+
+
+def read_teacher_probabilities(path: Path, meta: Metadata) -> np.ndarray:
+    """A teacher's class probabilities of every training image, float64 ``(N_train, 2)`` in training-split order,
+    from a CSV with columns ``img_id, p0, p1`` (``p<k>``: the probability of class k, 0 landbird, 1 waterbird; other
+    columns ignored; with a ``split`` column only the ``train`` rows are read).
+
+    Each problem is a UserError naming the file and line, as in :func:`read_predictions` (missing column, unknown,
+    other-split or repeated ``img_id``, a training image without a row), and: a value that is not a number, not
+    finite or outside [0, 1]; a row whose probabilities do not sum to 1 (:data:`groupdistil.teacher.PROB_SUM_ATOL`).
+    """
+    def parse(row: dict[str, str], where: str) -> list[float]:
+        try:
+            p = [float((row.get(c) or "").strip()) for c in PROB_COLUMNS]
+        except ValueError:
+            cells = ", ".join(f"{c} '{(row.get(c) or '').strip()}'" for c in PROB_COLUMNS)
+            raise UserError(f"{where}: {cells}: not numbers") from None
+        problem = probabilities_problem(np.asarray(p), "(class)")
+        if problem:
+            raise UserError(f"{where}: {', '.join(f'{c} {v:g}' for c, v in zip(PROB_COLUMNS, p))}: {problem}")
+        return p
+
+    values = read_image_table(Path(path), meta, "train", PROB_COLUMNS, parse, "teacher probability")
+    return np.asarray(values, dtype=np.float64)
+
+
+def read_image_table(path: Path, meta: Metadata, split: str, columns: Sequence[str],
+                     parse: Callable[[dict[str, str], str], Any], what: str) -> list[Any]:
+    """``parse(row, where)`` of the row of every image of ``split``, in split order, from a UTF-8 CSV with
+    ``img_id`` and ``columns`` (see :func:`read_predictions` for the rules; ``where`` is ``FILE:LINE (img_id N)``)."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -69,14 +117,14 @@ def read_predictions(path: Path, meta: Metadata, split: str) -> np.ndarray:
         raise UserError(f"{path}: not UTF-8 text (undecodable byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [c.strip() for c in reader.fieldnames or []]
-    missing = [c for c in ("img_id", "prediction") if c not in header]
+    missing = [c for c in ("img_id", *columns) if c not in header]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}; found: {', '.join(header) or '(none)'}")
     reader.fieldnames = header
     wanted = meta.where(split)
     position = {int(meta.img_id[r]): i for i, r in enumerate(wanted)}
     row_of = {int(i): r for r, i in enumerate(meta.img_id)}
-    preds = np.full(len(wanted), -1, dtype=np.int64)
+    values: list[Any] = [None] * len(wanted)
     first: dict[int, int] = {}
     for row in reader:
         line = reader.line_num
@@ -99,20 +147,13 @@ def read_predictions(path: Path, meta: Metadata, split: str) -> np.ndarray:
         if img_id in first:
             raise UserError(f"{where}: img_id listed twice (first at line {first[img_id]})")
         first[img_id] = line
-        value = (row.get("prediction") or "").strip()
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if number not in (0.0, 1.0):
-            raise UserError(f"{where}: prediction '{value}' is not a class (0 {CLASS_NAMES[0]}, 1 {CLASS_NAMES[1]})")
-        preds[position[img_id]] = int(number)
-    absent = np.flatnonzero(preds < 0)
-    if absent.size:
+        values[position[img_id]] = parse(row, where)
+    absent = [i for i, v in enumerate(values) if v is None]
+    if absent:
         r = wanted[absent[0]]
-        raise UserError(f"{path}: no prediction for {absent.size} {split} image(s), e.g. img_id {meta.img_id[r]} "
+        raise UserError(f"{path}: no {what} for {len(absent)} {split} image(s), e.g. img_id {meta.img_id[r]} "
                         f"({meta.describe(r)})")
-    return preds
+    return values
 
 
 def _teacher_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

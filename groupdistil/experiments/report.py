@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..io import atomic_write_text
-from ..pipeline import Pipeline
+from ..pipeline import GroupBreakdown, Pipeline
 from ..report import Doc, fmt, fmt_mean_std, save_figure
 from ..stats import BOOT_SEED, N_BOOT, PairedTest, mean_std
 from .plan import RunSpec, expand_grid, fmt_value, label, short_keys
@@ -35,11 +35,16 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[Any]])
     atomic_write_text(path, buf.getvalue())
 
 
-def nice_metric(metric: str, worst_of: str = "") -> str:
-    """Report header of a metric column: ``worst group``, ``average``, a group name (per-case: whose worst group)."""
+#: marks the worst group of a method in the table per structure and group
+WORST_MARK = "▼"
+
+
+def nice_metric(metric: str, worst_of: str = "", unit: str = "cases") -> str:
+    """Report header of a metric column: ``worst group``, ``average``, a group name (per-case: the ``unit`` of whose
+    worst group)."""
     if metric.startswith("group."):
         g = metric[len("group."):]
-        return f"cases of {g} (worst group of {worst_of})" if worst_of else g
+        return f"{unit} of {g}, the worst group of {worst_of}" if worst_of else g
     return {WORST: "worst group", AVERAGE: "average"}.get(metric, metric)
 
 
@@ -91,8 +96,7 @@ class Writer:
     # --- report --------------------------------------------------------------------------------------------------
     def metric_note(self) -> str:
         name = self.pipeline_cls.name
-        student = next((s.cfg for s in self.specs if s.method != "teacher"), self.specs[0].cfg)
-        return (self.exp.metric_note or self.pipeline_cls.metric_note(student)
+        return (self.exp.metric_note or self.pipeline_cls.metric_note(self.student_cfg())
                 or f"Worst-group and average metric as defined by the {name} pipeline's evaluation.")
 
     def report(self, variants: dict[tuple[str, str, str], list[RunSpec]], pairs: list[PairRow]) -> None:
@@ -102,12 +106,14 @@ class Writer:
                  f"(plus the teacher); seeds {e.seeds}; test split; each run's model selected on its validation split.",
                  note=True)
         doc.para(self.metric_note(), note=True)
+        unit = self.pipeline_cls.case_unit
         doc.para("Mean ± sample std (ddof 1) over seeds. A comparison 'first − second' (two methods) is paired by seed "
                  "(t-test, mean difference and 95% CI; 'n/a' with fewer than 2 pairs), and by test case with the "
-                 "Wilcoxon signed-rank test over the cases of the second method's worst group, each case's score "
-                 "averaged over the common seeds (when the pipeline has per-case scores).",
+                 f"Wilcoxon signed-rank test over the {unit} of the second method's worst group, each one's score "
+                 "averaged over the common seeds (when the pipeline has per-case scores). n = seeds for the t-test, "
+                 f"n = {unit} for the Wilcoxon test and the bootstrap{UNIT_NOTES.get(unit, '')}.",
                  note=True)
-        doc.para(CI_NOTE, note=True)
+        doc.para(ci_note(unit), note=True)
         levels = list(dict.fromkeys(k[0] for k in variants))
         for lv in levels:
             if lv:
@@ -119,12 +125,21 @@ class Writer:
         title = f"Comparison: {e.path.stem}"
         doc.write(self.out, title)
 
+    def group_title(self, group: str) -> str:
+        """A group as the pipeline shows it (``A (Siemens)``), under the students' config."""
+        return self.pipeline_cls.group_label(group, self.student_cfg())
+
+    def student_cfg(self) -> dict[str, Any]:
+        return next((s.cfg for s in self.specs if s.method != "teacher"), self.specs[0].cfg)
+
     def _level_tables(self, doc: Doc, variants: list[list[RunSpec]], pairs: list[PairRow], lv: str) -> None:
         lvl = 3 if lv else 2
         doc.heading("Test metrics (mean ± std over seeds)", lvl)
-        doc.table(["method", "n", *[nice_metric(m) for m in self.metrics]],
+        doc.table(["method", "n", *[self.group_title(m[len("group."):]) if m.startswith("group.") else nice_metric(m)
+                                    for m in self.metrics]],
                   [[runs[0].title, len(runs),
                     *[fmt_mean_std(*self._ms(runs, m)) for m in self.metrics]] for runs in variants])
+        self._breakdown_table(doc, variants, lvl)
         doc.heading("Validation metrics of the selected checkpoints (choose settings on these, not on test)", lvl)
         doc.table(["method", "n", "worst group (val)", "average (val)"],
                   [[runs[0].title, len(runs), *[fmt_mean_std(*self._ms(runs, m)) for m in (VAL_WORST, VAL_AVERAGE)]]
@@ -132,8 +147,46 @@ class Writer:
         if pairs:
             doc.heading("Paired comparisons", lvl)
             doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p", "p (Holm)"],
-                      [[p.title, nice_metric(p.metric, p.b.method), *self._test_text(p.test),
+                      [[p.title, nice_metric(self._labelled(p.metric), p.b.method, self.pipeline_cls.case_unit),
+                        *self._test_text(p.test),
                         "n/a" if math.isnan(p.p_holm) else f"{p.p_holm:.3g}"] for p in pairs])
+
+    def _labelled(self, metric: str) -> str:
+        return f"group.{self.group_title(metric[len('group.'):])}" if metric.startswith("group.") else metric
+
+    def _breakdown_table(self, doc: Doc, variants: list[list[RunSpec]], lvl: int) -> None:
+        """Per structure and group (:meth:`Pipeline.group_breakdown`): each run's group mean, mean ± std over the
+        seeds; the worst group of each method in each column marked (lowest mean where higher is better, else
+        highest). Nothing for a pipeline without structures."""
+        rows: list[list[Any]] = []
+        first: GroupBreakdown | None = None
+        for runs in variants:
+            parts = [self.pipeline_cls.group_breakdown(r.run_dir) for r in runs]
+            if not parts or any(b is None for b in parts):
+                return
+            first = first or parts[0]
+            groups = list(parts[0].values)
+            stats = {(g, c): mean_std([b.values.get(g, {}).get(c, math.nan) for b in parts
+                                       if not math.isnan(b.values.get(g, {}).get(c, math.nan))])
+                     for g in groups for c in parts[0].columns}
+            worst = {}
+            for c, higher in zip(parts[0].columns, parts[0].higher_is_better):
+                means = [(g, stats[(g, c)].mean) for g in groups if not math.isnan(stats[(g, c)].mean)]
+                if means:
+                    worst[c] = (min if higher else max)(means, key=lambda gm: gm[1])[0]
+            for g in groups:
+                rows.append([runs[0].title, self.group_title(g), parts[0].n.get(g, 0),
+                             *[fmt_mean_std(stats[(g, c)].mean, stats[(g, c)].std, d)
+                               + (f" {WORST_MARK}" if worst.get(c) == g else "")
+                               for c, d in zip(parts[0].columns, parts[0].digits)]])
+        if first is None:
+            return
+        unit = self.pipeline_cls.case_unit
+        doc.heading(f"Test per {first.grouping} and structure (mean ± std over seeds)", lvl)
+        doc.table(["method", first.grouping, f"n ({unit})", *first.columns], rows)
+        doc.para(f"{WORST_MARK}: the worst {first.grouping} of that method in that column (lowest mean Dice, highest "
+                 f"mean distance). Each run's {first.grouping} mean, then mean ± std over the seeds; n: test {unit} "
+                 f"of the {first.grouping}. {first.note}", note=True)
 
     @staticmethod
     def _test_text(t: PairedTest | None) -> list[str]:
@@ -191,16 +244,21 @@ class Writer:
         plot_lines(png, title, xlabel, xs, series, constant)
 
 
-CI_NOTE = (
-    "Paired bootstrap (cases): first − second method on the same test cases, each case's score averaged over the "
-    "common seeds; "
-    f"{N_BOOT} resamples (seed {BOOT_SEED}) of the cases within each group (a subject's ED and ES together), 95% "
-    "percentile interval. For 'worst group' the statistic is the lowest group mean of the first method minus that of "
-    "the second (the worst group may change between resamples); for the cases of the second method's worst group, "
-    "the mean difference on them. It says how "
-    "much the result could move with other test cases of the same kind, not with other seeds (the t-test does). "
-    "An interval that excludes 0 is evidence of a difference on these cases. p (Holm): each p-value adjusted for "
-    "all the tests of this experiment file (Holm's step-down method); judge significance on it, not on the raw p.")
+#: how a pipeline's per-case unit comes about, when it is not one file per case
+UNIT_NOTES = {"subjects": " (one score per subject: the mean over its ED and ES volumes, which are not independent)"}
+
+
+def ci_note(unit: str = "cases") -> str:
+    """The explanation of the paired bootstrap rows, resampling ``unit``."""
+    return (
+        f"Paired bootstrap ({unit}): first − second method on the same test {unit}, each one's score averaged over "
+        f"the common seeds; {N_BOOT} resamples (seed {BOOT_SEED}) of the {unit} within each group, 95% percentile "
+        "interval. For 'worst group' the statistic is the lowest group mean of the first method minus that of the "
+        f"second (the worst group may change between resamples); for the {unit} of the second method's worst group, "
+        f"the mean difference on them. It says how much the result could move with other test {unit} of the same "
+        "kind, not with other seeds (the t-test does). An interval that excludes 0 is evidence of a difference on "
+        "these cases. p (Holm): each p-value adjusted for all the tests of this experiment file (Holm's step-down "
+        "method); judge significance on it, not on the raw p.")
 
 
 def read_group_weights(run_dir: Path) -> tuple[dict[int, list[float]], set[int]]:

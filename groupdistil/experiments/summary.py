@@ -3,9 +3,10 @@
 Statistics: :mod:`groupdistil.stats`. A pair ``[A, B]`` of the experiment compares, within each data level, every
 variant of A with every variant of B whose swept values agree on their common keys: a paired t-test across seeds on
 the worst-group and the average metric and, when the pipeline's ``case_scores`` gives per-case scores, a Wilcoxon
-test across the cases of B's worst group (the group with the lowest mean over B's seeds). With per-case scores each
-pair also gets paired bootstrap CIs over cases (:func:`groupdistil.stats.paired_bootstrap`, each case's score averaged
-over the common seeds, the cases of one unit resampled together): of the worst-group difference
+test across the cases of B's worst group (the group with the lowest mean over B's seeds; a case is one independent
+unit, the pipeline's ``case_unit``: M&Ms averages a subject's ED and ES volumes, so n = subjects). With per-case
+scores each pair also gets paired bootstrap CIs over cases (:func:`groupdistil.stats.paired_bootstrap`, each case's
+score averaged over the common seeds, the cases of one unit resampled together): of the worst-group difference
 ``min_g mean_g(A) - min_g mean_g(B)`` and of the mean difference on the cases of B's worst group. The p-values of all
 the tests of one experiment file are Holm-adjusted together (:func:`groupdistil.stats.holm`, ``PairRow.p_holm``).
 """
@@ -99,17 +100,20 @@ def _pair_tests(runs_a: list[RunSpec], runs_b: list[RunSpec], pipeline_cls: type
     worst = min(group_means, key=group_means.__getitem__)
     scores = [(pipeline_cls.case_scores(a.run_dir), pipeline_cls.case_scores(b.run_dir)) for a, b in pairs]
     if all(sa is not None and sb is not None for sa, sb in scores):
+        unit = pipeline_cls.case_unit
         _, xa, xb = pair_cases([sa for sa, _ in scores], [sb for _, sb in scores], worst)
-        rows.append(PairRow(lv, a0, b0, f"group.{worst}", wilcoxon_paired(xa, xb)))
-        rows += _bootstrap_rows(lv, a0, b0, scores, list(group_means), worst)
+        rows.append(PairRow(lv, a0, b0, f"group.{worst}", wilcoxon_paired(xa, xb, unit)))
+        rows += _bootstrap_rows(lv, a0, b0, scores, list(group_means), worst, unit)
     return rows
 
 
-BOOTSTRAP_TEST = "paired bootstrap (cases)"
+def bootstrap_test(unit: str = "cases") -> str:
+    """The name of the paired bootstrap rows: ``paired bootstrap (<unit>)``, the unit resampled."""
+    return f"paired bootstrap ({unit})"
 
 
 def _bootstrap_rows(lv: dict[str, Any], a0: RunSpec, b0: RunSpec, scores: list[tuple[Any, Any]], groups: list[str],
-                    worst: str) -> list[PairRow]:
+                    worst: str, unit: str = "cases") -> list[PairRow]:
     """Paired bootstrap CIs over the seed-averaged per-case scores: the worst-group difference (groups resampled
     independently, the cases of one unit together) and the mean difference on the cases of B's worst group."""
     ids, xa, xb, gs = [], [], [], []
@@ -127,6 +131,6 @@ def _bootstrap_rows(lv: dict[str, Any], a0: RunSpec, b0: RunSpec, scores: list[t
         if key not in cis:
             continue
         ci = cis[key]
-        rows.append(PairRow(lv, a0, b0, metric, PairedTest(BOOTSTRAP_TEST, ci.n, ci.estimate, ci.low, ci.high,
+        rows.append(PairRow(lv, a0, b0, metric, PairedTest(bootstrap_test(unit), ci.n, ci.estimate, ci.low, ci.high,
                                                            math.nan, math.nan)))
     return rows

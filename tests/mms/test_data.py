@@ -346,8 +346,8 @@ def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None
     assert val["timing"]["infer_seconds_per_case"] > 0 and "teacher" not in val
     assert (tmp_path / "per_case_val.csv").is_file()
     assert len(list((tmp_path / "predictions_val").iterdir())) == 2 * len(mms_pipeline.splits["val"])
-    scores = MMSPipeline.case_scores(tmp_path)
-    assert len(scores) == 2 * len(mms_pipeline.splits["test"]) and scores[0][1] in "ABCD"
+    scores = MMSPipeline.case_scores(tmp_path)  # one per subject: its ED and ES volumes averaged
+    assert [c for c, _, _ in scores] == [s.code for s in mms_pipeline.splits["test"]] and scores[0][1] in "ABCD"
     # a classification run (eval.metric: accuracy) is paired per subject on whether its pathology was right
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"eval": {"metric": "accuracy"}}))
     per_subject = MMSPipeline.case_scores(tmp_path)

@@ -71,9 +71,9 @@ def test_report_renders_tables_plots_and_examples(run: Path) -> None:
     assert page.count('src="data:image/png;base64,') == 2  # box plots and example slices, embedded
     assert (run / R.BOXPLOT_FILE).stat().st_size > 0 and (run / R.EXAMPLES_PNG).stat().st_size > 0
     assert f"]({R.BOXPLOT_FILE})" in md and f"]({R.EXAMPLES_PNG})" in md
-    for vendor in VENDORS:
-        assert re.search(rf"^\| {vendor} \| \d+ \|", md, re.MULTILINE), vendor
-        assert f"<td>{vendor}</td>" in page
+    for vendor in VENDORS:  # named beside the letter (A (Siemens)); the interval table counts subjects
+        assert re.search(rf"^\| {vendor} \({R.VENDOR_NAMES[vendor]}\) \| \d+ \|", md, re.MULTILINE), vendor
+        assert f"<td>{vendor} ({R.VENDOR_NAMES[vendor]})</td>" in page
     worst = ev["by_vendor"]["worst"][M.MEAN_DICE]["group"]
     assert f"Worst vendor by mean Dice: {worst}" in md
     assert "| worst |" in md and "cls accuracy" in md and "LV EF err (%)" in md
@@ -89,7 +89,7 @@ def test_report_tolerates_missing_inputs(tmp_path: Path) -> None:
              "Dice RV": 0.7, "Hausdorff LV": 4.0}]
     R.write_mms_report(tmp_path, {"val": {"by_vendor": M.summarise(rows, "Vendor")}}, {})
     md = (tmp_path / "report.md").read_text()
-    assert "| A |" in md and "No per_case.csv" in md and "Validation: per vendor" in md
+    assert "| A (Siemens) |" in md and "No per_case.csv" in md and "Validation: per vendor" in md
     assert (tmp_path / "report.html").exists() and not (tmp_path / R.BOXPLOT_FILE).exists()
 
 
@@ -123,3 +123,50 @@ def test_collector_keeps_best_and_worst_per_vendor_and_npz_round_trips(tmp_path:
         assert b["dice"] == pytest.approx(e["dice"])
     with pytest.raises(ValueError, match="2-D"):
         R.save_examples(tmp_path / "bad.npz", [{"image": z, "gt": z, "pred": z, "caption": ""}])
+
+
+def test_report_grouped_by_centre_is_per_centre_throughout(run: Path, tmp_path: Path) -> None:
+    """With data.group_by: centre the headline, tables, intervals, box plots and examples are per centre, each centre
+    named with its vendor; the vendors are folded."""
+    rows = M.read_per_case_csv(run / R.PER_CASE_FILE)
+    M.write_per_case_csv(tmp_path / R.PER_CASE_FILE, rows)
+    collector = R.ExampleCollector("Centre")
+    rng = np.random.default_rng(1)
+    for r in rows:
+        lab = _volume(rng, (24, 24, 5), 0.0)
+        collector.add(r, rng.random(lab.shape).astype(np.float32), lab, lab)
+    collector.save(tmp_path / R.EXAMPLES_FILE)
+    by_centre = M.summarise(rows, "Centre")
+    ev = {**_evaluation(rows), "group_metric": {g: by_centre[g][M.MEAN_DICE]["mean"] for g in by_centre if g != "worst"}}
+    ev["worst_group_metric"] = min(ev["group_metric"].values())
+    R.write_mms_report(tmp_path, {"selected_step": 1, "test": ev}, {"method": "kd", "group_by": "centre"})
+    md = (tmp_path / "report.md").read_text()
+    worst = by_centre["worst"][M.MEAN_DICE]["group"]
+    vendor = next(v for v, cs in VENDORS.items() if int(worst) in cs)
+    assert f"Worst centre by mean Dice: {worst} ({vendor}, " in md
+    assert f"worst_group_metric = {ev['worst_group_metric']:.3f} (centre {worst} ({vendor}, " in md
+    for heading in ("## Test: per centre", "## Test: mean Dice per centre with 95% bootstrap intervals",
+                    "## Test: Dice per centre and phase", "## Dice per centre",
+                    "## Examples: best and worst case per centre", "## Test: per vendor"):
+        assert heading in md, heading
+    assert "| Centre | volumes (subjects) |" in md and "| 1 (A, Siemens) |" in md and "| worst centre |" in md
+    assert "Worst vendor" not in md and "**Dice and Hausdorff per vendor (this run is grouped by centre)**" in md
+    examples = R.load_examples(tmp_path / R.EXAMPLES_FILE)
+    assert {e["group"] for e in examples} == {str(c) for cs in VENDORS.values() for c in cs}
+    assert examples[0]["caption"].startswith("centre 1 (A, Siemens), best: ")
+    # an examples.npz written before the group field existed still loads
+    legacy = dict(np.load(tmp_path / R.EXAMPLES_FILE))
+    del legacy["group"]
+    np.savez(tmp_path / "old.npz", **legacy)
+    assert R.load_examples(tmp_path / "old.npz")[0]["group"] == ""
+
+
+def test_pipeline_grouped_by_centre_collects_examples_per_centre(mms_root: Path, make_pipeline, tmp_path: Path) -> None:
+    pipe = make_pipeline(mms_root, data={"group_by": "centre"})
+    model = pipe.model_for({"model": {}}).eval()
+    res = pipe.evaluate(model, "test", out_dir=tmp_path)
+    centres = {str(s.centre) for s in pipe.splits["test"]}
+    assert set(res["group_metric"]) == centres
+    assert {e["group"] for e in R.load_examples(tmp_path / R.EXAMPLES_FILE)} == centres
+    pipe.write_report(tmp_path, {"selected_step": 1, "test": res}, {"method": "erm"})
+    assert "## Test: per centre" in (tmp_path / "report.md").read_text()
