@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -34,7 +33,7 @@ from .methods import METHODS, Method
 from .pipeline import Pipeline
 from .progress import Progress, StepLogger, Tracker, log, tracking_available
 from .rundir import FolderLock, prepare_run_dir, truncate_jsonl
-from .runtime import Runtime, count_params, machine_state, pick_device
+from .runtime import Runtime, count_params, load_average, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
 from .teacher import Teacher
 
@@ -331,7 +330,7 @@ class Trainer:
                     truncate_jsonl(self.run_dir / name, start)
             log(f"resuming {self.run_dir} from step {start}")
         total = self.t["max_steps"]
-        self.t_load = os.getloadavg()[0]  # the load when training started, for timing.json
+        self.t_load = load_average()  # the load when training started, for timing.json
         progress = Progress(total, start, self.main)
         step = start
         batches = iter(self.loader(start))
@@ -388,7 +387,7 @@ class Trainer:
                 last[split].pop("timing", None)
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0
-        timing["machine"] = machine_state(self.t_load)
+        timing["machine"] = machine_state(self.t_load, self.runtime)
         if self.main:
             info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
                     "teacher_params": count_params(self.teacher_model) if self.teacher_model is not None else None,
