@@ -38,6 +38,7 @@ from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
 from groupdistil.progress import progress_iter
+from groupdistil.teacher import TeacherRecord
 from groupdistil.stats import group_mean
 
 from . import data, report, scoring
@@ -441,14 +442,17 @@ class MMSPipeline(Pipeline):
                 "group_metric": group_metric, **out}
 
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
-                 teacher: Predictor | None = None) -> dict[str, Any]:
+                 teacher: Predictor | TeacherRecord | None = None) -> dict[str, Any]:
         if split not in ("val", "test"):
             raise UserError(f"unknown split '{split}'; valid: val, test")
         pred_dir = None if out_dir is None else prediction_dir(Path(out_dir), split)
         rows, seconds = self.run_split(predict, split, pred_dir)
         result = self.summarise(rows)
         timing = {"infer_seconds_per_case": seconds}
-        if teacher is not None:
+        if isinstance(teacher, TeacherRecord):  # the teacher run's own evaluation on this data and these settings
+            result["teacher"] = teacher.metrics[split]
+            timing["teacher_infer_seconds_per_case"] = teacher.seconds_per_case(split)
+        elif teacher is not None:
             teacher_rows, teacher_seconds = self.run_split(teacher, split, None)
             result["teacher"] = self.summarise(teacher_rows)
             timing["teacher_infer_seconds_per_case"] = teacher_seconds
@@ -461,6 +465,19 @@ class MMSPipeline(Pipeline):
                     self.save_examples(rows, Path(out_dir))
         result["timing"] = timing
         return result
+
+    @classmethod
+    def evaluation_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """The ``data`` and ``eval`` sections, and how pathology is decided (``model.classify``, ``model.cls_head``:
+        the student's pipeline scores the teacher's predictions with the student's setting)."""
+        cfg = cls.with_defaults(cfg)
+        m = cfg["model"]
+        return {"data": cfg["data"], "eval": cfg["eval"],
+                "model": {"classify": m["classify"], "cls_head": m["cls_head"]}}
+
+    def load_teacher_record(self, record: TeacherRecord) -> TeacherRecord:
+        """Its ``metrics[split]`` is :meth:`summarise` of the teacher's rows, what :meth:`evaluate` reports."""
+        return record
 
     def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
         """Score label maps made elsewhere (:mod:`mms_pipeline.scoring`) as :meth:`evaluate` scores the model's: the

@@ -329,6 +329,16 @@ def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
         assert 2 * np.count_nonzero(p & g) / (p.sum() + g.sum()) > 0.9
 
 
+def test_evaluation_config_holds_what_scores_a_teacher() -> None:
+    """A teacher's recorded evaluation is reused only with the same data, eval and pathology settings."""
+    base = {"data": {"roi": [96, 96]}, "eval": {}, "model": {"encoder": "resnet18", "decoder_channels": [8] * 5}}
+    small = {**base, "model": {"encoder": "tu-tf_mobilenetv3_small_minimal_100"}}
+    assert MMSPipeline.evaluation_config(base) == MMSPipeline.evaluation_config(small)  # architectures differ
+    for change in ({"model": {"cls_head": "encoder"}}, {"model": {"classify": False}}, {"eval": {"sw_batch_size": 4}},
+                   {"data": {"roi": [64, 64]}}):
+        assert MMSPipeline.evaluation_config({**base, **change}) != MMSPipeline.evaluation_config(base), change
+
+
 def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:
     model = mms_pipeline.model_for({"model": {}}).eval()
     res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path, teacher=model)
