@@ -377,11 +377,11 @@ class MMSPipeline(Pipeline):
         seconds = time.perf_counter() - start
         probs = torch.softmax(out["seg"][0].float().cpu(), dim=0)  # (C, H, W, Z)
         native = self.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
-        labels = native.argmax(0).numpy().astype(np.uint8)
+        labels = channel_argmax(native.as_tensor()).numpy().astype(np.uint8)
         cls = None
         if "cls" in out:
             per_slice = torch.softmax(out["cls"][0, :, 0, 0, :].float().cpu(), dim=0).T  # (Z, K)
-            fg = probs.argmax(0).flatten(0, 1).any(0)  # (Z,)
+            fg = channel_argmax(probs).flatten(0, 1).any(0)  # (Z,)
             cls = per_slice[fg] if fg.any() else per_slice
         return labels, cls, seconds
 
@@ -561,6 +561,13 @@ def _metric_and_grouping(cfg: dict[str, Any]) -> tuple[str, str]:
 def prediction_dir(out_dir: Path, split: str) -> Path:
     """Where the final evaluation writes the predicted masks: ``predictions/`` (test), ``predictions_val/``."""
     return out_dir / ("predictions" if split == "test" else f"predictions_{split}")
+
+
+def channel_argmax(p: torch.Tensor) -> torch.Tensor:
+    """``p.argmax(0)`` of a channel-first tensor ``(C, *spatial) -> (*spatial)``: the same indices (the first
+    maximum; a NaN counts as the maximum), from ``torch.max(p, 0)``, which vectorises over the spatial positions on
+    the CPU where ``argmax`` over the outer dimension does not (about 8x faster on ``(4, 112, 112, 7)``)."""
+    return torch.max(p, 0).indices
 
 
 def _spatial_outputs(predict: Predictor) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
