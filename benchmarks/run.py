@@ -2,10 +2,11 @@
 
     python benchmarks/run.py [--quick] [--with-quickstart] [--threads N] [--data-dir DIR] [--debug]
 
-``--quick``: tiny sizes and few repeats (well under a minute); default: the configs' own sizes on small synthetic
-data sets (a few minutes on 2 cores). Ratios are medians over interleaved repeats (see ``timing.py``). The rows
-and how each is measured: ``benchmarks/README.md``. Progress goes to stderr; the engine's own log lines are hidden
-unless ``--debug``.
+``--quick``: tiny sizes (about two minutes on a quiet 2-core machine); default: the configs' own sizes on small
+synthetic data sets (several minutes on 2 cores). Ratios are medians over interleaved repeats, each suite adding
+repeats within a time budget until its ratios' medians are known to 1%; the table shows their interquartile range
+and the number of repeats (see ``timing.py``). The rows and how each is measured: ``benchmarks/README.md``. Progress
+goes to stderr; the engine's own log lines are hidden unless ``--debug``.
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ from suites import (  # noqa: E402
     Result,
     Sizes,
     epoch_suite,
+    fingerprint_suite,
+    heldout_suite,
     mms_latency_suite,
     quickstart_suite,
     step_suite,
+    tensorboard_suite,
     trainer_suite,
     waterbirds_latency_suite,
 )
-from timing import load_average, machine_info  # noqa: E402
+from timing import busy_cores, load_average, machine_info  # noqa: E402
 
 #: key -> (comparison, bound); a missing key has no target
 TARGETS: dict[str, tuple[str, float]] = {
@@ -48,12 +52,19 @@ TARGETS: dict[str, tuple[str, float]] = {
     "loader_over_step_throughput": (">=", 1.5),
     "loader_over_step_throughput_waterbirds": (">=", 1.5),
     "student_over_teacher_latency_mms_volume": ("<=", 0.33),
+    "heldout_refresh_share_of_step": ("<=", 0.05),
+    "fingerprint_share_of_data_loading": ("<=", 0.05),
+    "fingerprint_share_of_data_loading_waterbirds": ("<=", 0.05),
+    "tensorboard_share_of_step": ("<=", 0.02),
 }
 
-#: (repeats, warm-up steps, timed steps, loader batches, epoch warm-up steps, batch-1 forwards, preloaded batches)
+#: (repeats at least, warm-up steps, timed steps, loader batches, epoch warm-up steps, batch-1 forwards, preloaded
+#: batches, repeats at most and seconds per suite while a ratio's median is not known to 1% yet)
 SIZES = {
-    "quick": Sizes(repeats=3, warmup=2, steps=3, loader_batches=3, epochs_warmup_steps=1, latency_calls=3, preload=2),
-    "full": Sizes(repeats=5, warmup=3, steps=8, loader_batches=10, epochs_warmup_steps=2, latency_calls=10, preload=4),
+    "quick": Sizes(repeats=5, warmup=2, steps=3, loader_batches=3, epochs_warmup_steps=1, latency_calls=3, preload=2,
+                   max_repeats=31, budget_s=10.0, details=False),
+    "full": Sizes(repeats=7, warmup=3, steps=8, loader_batches=10, epochs_warmup_steps=2, latency_calls=10, preload=4,
+                  max_repeats=41, budget_s=60.0),
 }
 #: config overrides (quick: smaller inputs and batches; full: the configs as they are)
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
@@ -78,13 +89,17 @@ SUITE_KEYS = {
     "latency_mms": ["student_over_teacher_latency_mms_volume"],
     "latency_waterbirds": ["student_over_teacher_latency_waterbirds_image",
                            "student_over_teacher_latency_waterbirds_image_b64"],
+    "heldout": ["heldout_refresh_share_of_step"],
+    "fingerprint_mms": ["fingerprint_share_of_data_loading"],
+    "fingerprint_waterbirds": ["fingerprint_share_of_data_loading_waterbirds"],
+    "tensorboard": ["tensorboard_share_of_step"],
     "quickstart": ["quickstart_seconds"],
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (well under a minute)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about two minutes on a quiet machine)")
     p.add_argument("--with-quickstart", action="store_true",
                    help="also time the README quickstart (groupdistil compare ...; takes minutes)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
@@ -113,30 +128,39 @@ def fmt(r: Result) -> str:
     return f"{r.value:.0f} {r.unit}"
 
 
-def print_table(mode: str, machine: dict[str, Any], loads: tuple[float | None, float | None],
-                rows: list[Result]) -> None:
+def fmt_spread(r: Result) -> str:
+    """``Q1-Q3 (n)`` of a ratio over its repeats."""
+    if r.spread is None or r.value is None:
+        return ""
+    return f"{r.spread[0]:.3f}-{r.spread[1]:.3f} ({r.repeats})"
+
+
+def print_table(mode: str, machine: dict[str, Any], state: dict[str, Any], rows: list[Result]) -> None:
+    loads, busy = state["load_average"], state["busy_cores"]
     print(f"GroupDistil benchmarks ({mode}): torch {machine['torch']}, {machine['torch_threads']} threads, "
           f"{machine['cpu']} ({machine['cpu_count']} cores), device {machine['device']}")
-    print(f"load average (1 min) at start {loads[0]}, at end {loads[1]} (the end includes this benchmark)"
+    print(f"cores busy with other processes at start {busy['start']}, at end {busy['end']} (/proc/stat over 0.25 s); "
+          f"load average (1 min) at start {loads['start']}, at end {loads['end']}"
           + (" -- other processes were running at the start: timings are likely distorted"
-             if (loads[0] or 0) > 0.5 else ""))
+             if (busy["start"] or 0) > 0.5 else ""))
     w = max(len(r.key) for r in rows)
-    print(f"{'metric':{w}}  {'value':>12}  {'target':>8}  {'status':6}  notes")
+    print(f"{'metric':{w}}  {'value':>12}  {'IQR (repeats)':>20}  {'target':>8}  {'status':6}  notes")
     for r in rows:
         target = " ".join(str(t) for t in TARGETS[r.key]) if r.key in TARGETS else ""
-        print(f"{r.key:{w}}  {fmt(r):>12}  {target:>8}  {status(r.key, r.value):6}  {r.note}")
+        print(f"{r.key:{w}}  {fmt(r):>12}  {fmt_spread(r):>20}  {target:>8}  {status(r.key, r.value):6}  {r.note}")
 
 
-def json_line(mode: str, machine: dict[str, Any], loads: tuple[float | None, float | None],
-              rows: list[Result]) -> str:
+def json_line(mode: str, machine: dict[str, Any], state: dict[str, Any], rows: list[Result]) -> str:
     def clean(v: float | None) -> float | None:
         return None if v is None or not math.isfinite(v) else round(v, 4)
 
     out: dict[str, Any] = {r.key: clean(r.value) for r in rows if r.in_json}
     out["status"] = {k: status(k, out.get(k)) for k in TARGETS}
     out["details"] = {r.key: clean(r.value) for r in rows if not r.in_json}
+    out["spread"] = {r.key: [clean(r.spread[0]), clean(r.spread[1])] for r in rows if r.spread is not None}
+    out["repeats"] = {r.key: r.repeats for r in rows if r.repeats is not None}
     out["notes"] = {r.key: r.note for r in rows if r.value is None}
-    out.update({"mode": mode, "machine": machine, "load_average": {"start": loads[0], "end": loads[1]}})
+    out.update({"mode": mode, "machine": machine, **state})
     return json.dumps(out)
 
 
@@ -204,15 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as the Trainer sets it on CPU, for every side alike
     sizes = SIZES[mode]
-    load_start = load_average()
+    load_start, busy_start = load_average(), busy_cores()
     runner = Runner(args.debug)
     with tempfile.TemporaryDirectory(prefix="groupdistil_bench_") as tmp:
         work = Path(tmp)
         data = args.data_dir.resolve() if args.data_dir else work / "data"
         data.mkdir(parents=True, exist_ok=True)
-        mms = setup_bench(runner, "mms", mode, args.configs, data, work, ["step_mms", "latency_mms"])
+        mms = setup_bench(runner, "mms", mode, args.configs, data, work,
+                          ["step_mms", "latency_mms", "heldout", "fingerprint_mms"])
         wb = setup_bench(runner, "waterbirds", mode, args.configs, data, work,
-                         ["step_waterbirds", "trainer", "epoch", "latency_waterbirds"])
+                         ["step_waterbirds", "trainer", "epoch", "latency_waterbirds", "fingerprint_waterbirds",
+                          "tensorboard"])
         if mms is not None:
             runner.run("step_mms", lambda: step_suite(mms, sizes, ""))
         if wb is not None:
@@ -221,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
             runner.run("epoch", lambda: epoch_suite(wb, sizes))
         if mms is not None:
             runner.run("latency_mms", lambda: mms_latency_suite(mms, sizes))
+            runner.run("heldout", lambda: heldout_suite(mms, sizes))
+            runner.run("fingerprint_mms", lambda: fingerprint_suite(mms, sizes))
         if wb is not None:
             runner.run("latency_waterbirds", lambda: waterbirds_latency_suite(wb, sizes))
+            runner.run("fingerprint_waterbirds", lambda: fingerprint_suite(wb, sizes))
+            runner.run("tensorboard", lambda: tensorboard_suite(wb, sizes))
         experiment = args.configs / "experiments" / "quickstart.yaml"
         if not args.with_quickstart:
             runner.rows["quickstart"] = [Result("quickstart_seconds", None, unit="s",
@@ -231,11 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             runner.skip("quickstart", f"missing {experiment}")
         else:
             runner.run("quickstart", lambda: quickstart_suite(REPO, experiment.resolve(), work))
-    loads = (load_start, load_average())
+    state = {"load_average": {"start": load_start, "end": load_average()},
+             "busy_cores": {"start": busy_start, "end": busy_cores()}}
     machine = machine_info(torch.device("cpu"))
     rows = [r for suite in SUITE_KEYS for r in runner.rows.get(suite, [])]
-    print_table(mode, machine, loads, rows)
-    print(json_line(mode, machine, loads, rows), flush=True)
+    print_table(mode, machine, state, rows)
+    print(json_line(mode, machine, state, rows), flush=True)
     return 0
 
 

@@ -7,6 +7,7 @@ teacher checkpoint with random weights (timing does not depend on the weights). 
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -19,15 +20,17 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from timing import interleaved, median, paired_ratio, seconds_per_call, spread
+from timing import interleaved, median, quartiles, ratio_values, seconds_per_call, spread
 from torch.utils.data import Dataset, default_collate
 
 from groupdistil.checkpoint import CKPT_FORMAT
 from groupdistil.config import deep_merge, resolve_config
 from groupdistil.io import atomic_torch_save
+from groupdistil.methods import METHODS
 from groupdistil.pipeline import Pipeline
 from groupdistil.sampling import StepBatchSampler
-from groupdistil.trainer import Trainer, build_optimizer, seed_everything
+from groupdistil.runtime import build_optimizer
+from groupdistil.trainer import Trainer, seed_everything
 
 CPU = torch.device("cpu")
 
@@ -41,19 +44,35 @@ class Result:
     unit: str = "x"
     note: str = ""
     in_json: bool = True
+    spread: tuple[float, float] | None = None  # interquartile range over repeats (Q1, Q3)
+    repeats: int | None = None
+
+
+def ratio_row(key: str, num: list[float], den: list[float], note: str = "", in_json: bool = True,
+              scale: float = 1.0) -> Result:
+    """The median over repeats of ``scale * num[i] / den[i]``, its interquartile range and the number of repeats."""
+    q1, q2, q3 = quartiles([scale * r for r in ratio_values(num, den)])
+    return Result(key, q2, note=note, in_json=in_json, spread=(q1, q3), repeats=len(num))
 
 
 @dataclass
 class Sizes:
     """How much each suite measures (``--quick`` shrinks everything)."""
 
-    repeats: int
+    repeats: int  # interleaved repeats at least
     warmup: int
     steps: int  # timed training steps per repeat (step suite)
     loader_batches: int  # timed batches per repeat (loader)
     epochs_warmup_steps: int
     latency_calls: int  # forward passes per repeat at batch 1
     preload: int = 4  # distinct preloaded batches the step timings cycle through
+    max_repeats: int = 0  # more repeats, up to this many, until each ratio's median is known to 1% (timing.REL_SE)
+    budget_s: float = 0.0  # ... within this many seconds per suite
+    details: bool = True  # informational table rows that take a suite's time (trainer with the pipeline's data)
+
+    def repeat(self, variants: dict[str, Callable[[], float]], ratios: list[tuple[str, str]]) -> dict[str, list[float]]:
+        """:func:`timing.interleaved` with these sizes: the minimum repeats, then more until ``ratios`` settle."""
+        return interleaved(variants, self.repeats, ratios, self.max_repeats, self.budget_s)
 
 
 # --- setup --------------------------------------------------------------------------------------------------------
@@ -93,9 +112,13 @@ class PipelineBench:
         return int(self.student["train"]["batch_size"])
 
     def trainer(self, method: str, trainer_cls: type[Trainer] = Trainer, pipeline_cls: type[Pipeline] | None = None,
-                build: bool = True, **train: Any) -> Trainer:
-        """A real ``Trainer`` on the student config (``method`` and ``train`` keys overridden), built unless told."""
-        cfg = deep_merge(self.student, {"method": method, "train": train})
+                build: bool = True, method_args: dict[str, Any] | None = None, **train: Any) -> Trainer:
+        """A real ``Trainer`` on the student config (``method``, ``method_args`` and ``train`` keys overridden), built
+        unless told."""
+        spec = METHODS.get(method).hparams_spec  # the student config's keys this method has (the trainer is strict)
+        own = {k: v for k, v in self.student["method_args"].items() if k in spec}
+        cfg = {**deep_merge(self.student, {"method": method, "train": train}),
+               "method_args": {**own, **(method_args or {})}}
         (self.work / "runs").mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{method}_", dir=self.work / "runs"))
         t = trainer_cls(cfg, pipeline_cls or self.cls, self.root, run_dir, teacher_path=str(self.teacher_ckpt))
@@ -140,21 +163,22 @@ def step_suite(pb: PipelineBench, sz: Sizes, suffix: str) -> list[Result]:
     def steps(method: Any) -> Callable[[], float]:
         return lambda: seconds_per_call(lambda i: method.update(batches[i % len(batches)]), sz.steps)
 
-    t = interleaved({"kd": steps(kd.method), "groupdistil": steps(gd.method),
-                     "loader": lambda: seconds_per_call(lambda i: next(loader), sz.loader_batches)}, sz.repeats)
+    t = sz.repeat({"kd": steps(kd.method), "groupdistil": steps(gd.method),
+                   "loader": lambda: seconds_per_call(lambda i: next(loader), sz.loader_batches)},
+                  [("groupdistil", "kd"), ("groupdistil", "loader")])
     b = pb.batch_size
     step_sps, loader_sps = b / median(t["groupdistil"]), b / median(t["loader"])
     teacher = "cached teacher" if cached else "teacher forward in the step"
     nw = gd.t["num_workers"]
     name = pb.cls.name
     return [
-        Result(f"groupdistil_over_kd_step{suffix}", paired_ratio(t["groupdistil"], t["kd"]),
-               note=f"{name} batch {b}, {teacher}; kd {median(t['kd']) * 1e3:.1f} ms, groupdistil "
-                    f"{median(t['groupdistil']) * 1e3:.1f} ms ({spread(t['groupdistil'])})"),
-        Result(f"loader_over_step_throughput{suffix}", loader_sps / step_sps,
-               note=f"{name} loader {loader_sps:.0f} samples/s (num_workers {nw}, "
-                    f"{'augmented' if gd.pipeline.train_is_random() else 'deterministic'}) / groupdistil step "
-                    f"{step_sps:.0f} samples/s (preloaded)"),
+        ratio_row(f"groupdistil_over_kd_step{suffix}", t["groupdistil"], t["kd"],
+                  note=f"{name} batch {b}, {teacher}; kd {median(t['kd']) * 1e3:.1f} ms, groupdistil "
+                       f"{median(t['groupdistil']) * 1e3:.1f} ms ({spread(t['groupdistil'])})"),
+        ratio_row(f"loader_over_step_throughput{suffix}", t["groupdistil"], t["loader"],
+                  note=f"{name} loader {loader_sps:.0f} samples/s (num_workers {nw}, "
+                       f"{'augmented' if gd.pipeline.train_is_random() else 'deterministic'}) / groupdistil step "
+                       f"{step_sps:.0f} samples/s (preloaded)"),
         Result(f"loader_samples_per_s{suffix}", loader_sps, unit="samples/s", in_json=False),
         Result(f"step_samples_per_s{suffix}", step_sps, unit="samples/s", in_json=False),
     ]
@@ -248,20 +272,22 @@ def trainer_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
 
         return run
 
-    t = interleaved({"trainer": trainer_run(materialized(pb.cls)), "trainer_pipeline_data": trainer_run(pb.cls),
-                     "plain": lambda: per_step(plain_loop(pb, batches, total))}, sz.repeats)
+    variants = {"trainer": trainer_run(materialized(pb.cls)), "plain": lambda: per_step(plain_loop(pb, batches, total))}
+    if sz.details:
+        variants["trainer_pipeline_data"] = trainer_run(pb.cls)
+    t = sz.repeat(variants, [("trainer", "plain")])
     nw = pb.student["train"]["num_workers"]
     common = f"{pb.cls.name} erm, batch {pb.batch_size}, {window} steps after {sz.warmup} warm-up"
-    return [
-        Result("trainer_over_plain_loop", paired_ratio(t["trainer"], t["plain"]),
-               note=f"{common}; both from preloaded tensors (trainer: DataLoader num_workers {nw} + sampler over the "
-                    f"materialized dataset); trainer {median(t['trainer']) * 1e3:.1f} ms, plain "
-                    f"{median(t['plain']) * 1e3:.1f} ms"),
-        Result("trainer_pipeline_data_over_plain_loop", paired_ratio(t["trainer_pipeline_data"], t["plain"]),
-               note=f"informational: the trainer with the pipeline's own dataset (per-sample transforms in the "
-                    f"loader) over the plain loop on preloaded batches; {median(t['trainer_pipeline_data']) * 1e3:.1f}"
-                    f" ms", in_json=False),
-    ]
+    rows = [ratio_row("trainer_over_plain_loop", t["trainer"], t["plain"],
+                      note=f"{common}; both from preloaded tensors (trainer: DataLoader num_workers {nw} + sampler "
+                           f"over the materialized dataset); trainer {median(t['trainer']) * 1e3:.1f} ms, plain "
+                           f"{median(t['plain']) * 1e3:.1f} ms")]
+    if sz.details:
+        rows.append(ratio_row("trainer_pipeline_data_over_plain_loop", t["trainer_pipeline_data"], t["plain"],
+                              note=f"informational: the trainer with the pipeline's own dataset (per-sample "
+                                   f"transforms in the loader) over the plain loop on preloaded batches; "
+                                   f"{median(t['trainer_pipeline_data']) * 1e3:.1f} ms", in_json=False))
+    return rows
 
 
 # --- kd epoch (cached / uncached teacher) vs erm epoch --------------------------------------------------------------
@@ -292,15 +318,16 @@ def epoch_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
     for warm in (epoch(erm, steps=sz.epochs_warmup_steps), epoch(kd, cache, sz.epochs_warmup_steps),
                  epoch(kd, None, sz.epochs_warmup_steps)):
         warm()
-    t = interleaved({"erm": epoch(erm), "kd_cached": epoch(kd, cache), "kd_uncached": epoch(kd, None)}, sz.repeats)
+    t = sz.repeat({"erm": epoch(erm), "kd_cached": epoch(kd, cache), "kd_uncached": epoch(kd, None)},
+                  [("kd_cached", "erm"), ("kd_uncached", "erm")])
     would_cache = not erm.pipeline.train_is_random() and pb.student["train"]["teacher_cache"] == "auto"
     what = f"{pb.cls.name}, {len(erm.dataset)} samples, {n_steps} steps of batch {pb.batch_size}"
     return [
-        Result("kd_cached_over_erm_epoch", paired_ratio(t["kd_cached"], t["erm"]),
-               note=f"{what}; erm {median(t['erm']):.2f} s, kd cached {median(t['kd_cached']):.2f} s per epoch"
-                    + ("" if would_cache else " (this config's trainer would not cache: augmented data)")),
-        Result("kd_uncached_over_erm_epoch", paired_ratio(t["kd_uncached"], t["erm"]),
-               note=f"kd uncached {median(t['kd_uncached']):.2f} s per epoch"),
+        ratio_row("kd_cached_over_erm_epoch", t["kd_cached"], t["erm"],
+                  note=f"{what}; erm {median(t['erm']):.2f} s, kd cached {median(t['kd_cached']):.2f} s per epoch"
+                       + ("" if would_cache else " (this config's trainer would not cache: augmented data)")),
+        ratio_row("kd_uncached_over_erm_epoch", t["kd_uncached"], t["erm"],
+                  note=f"kd uncached {median(t['kd_uncached']):.2f} s per epoch"),
         Result("teacher_cache_build_seconds", build_seconds, unit="s",
                note=f"one-off Teacher.build_cache over the {len(kd.dataset)} training samples (not in the epochs)"),
     ]
@@ -318,26 +345,28 @@ def mms_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
     for p in predict.values():
         pipe.predict_volume(p, image)  # warm-up
 
-    infer: dict[str, list[float]] = {"student": [], "teacher": []}
+    whole: dict[str, list[float]] = {"student": [], "teacher": []}
 
     def run(role: str) -> Callable[[], float]:
-        def once() -> float:
-            start = time.perf_counter()
-            infer[role].append(pipe.predict_volume(predict[role], image)[2])
-            return time.perf_counter() - start
+        def once() -> float:  # the SliceInferer seconds predict_volume reports; the whole path's kept beside
+            infer, start = 0.0, time.perf_counter()
+            for _ in range(sz.latency_calls):
+                infer += pipe.predict_volume(predict[role], image)[2]
+            whole[role].append((time.perf_counter() - start) / sz.latency_calls)
+            return infer / sz.latency_calls
 
         return once
 
-    whole = interleaved({role: run(role) for role in predict}, sz.repeats)
+    infer = sz.repeat({role: run(role) for role in predict}, [("student", "teacher")])
     shape = tuple(image.shape)
     return [
-        Result("student_over_teacher_latency_mms_volume", paired_ratio(infer["student"], infer["teacher"]),
-               note=f"SliceInferer over one volume {shape}, sw_batch {pipe.ecfg['sw_batch_size']}, "
-                    f"{torch.get_num_threads()} threads: student {median(infer['student']) * 1e3:.0f} ms, teacher "
-                    f"{median(infer['teacher']) * 1e3:.0f} ms"),
-        Result("student_over_teacher_latency_mms_volume_whole_path", paired_ratio(whole["student"], whole["teacher"]),
-               note=f"with inversion + argmax: student {median(whole['student']) * 1e3:.0f} ms, teacher "
-                    f"{median(whole['teacher']) * 1e3:.0f} ms", in_json=False),
+        ratio_row("student_over_teacher_latency_mms_volume", infer["student"], infer["teacher"],
+                  note=f"SliceInferer over one volume {shape}, sw_batch {pipe.ecfg['sw_batch_size']}, "
+                       f"{torch.get_num_threads()} threads: student {median(infer['student']) * 1e3:.0f} ms, teacher "
+                       f"{median(infer['teacher']) * 1e3:.0f} ms"),
+        ratio_row("student_over_teacher_latency_mms_volume_whole_path", whole["student"], whole["teacher"],
+                  note=f"with inversion + argmax: student {median(whole['student']) * 1e3:.0f} ms, teacher "
+                       f"{median(whole['teacher']) * 1e3:.0f} ms", in_json=False),
     ]
 
 
@@ -354,12 +383,107 @@ def waterbirds_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
         x = torch.randn(batch, 3, size, size)
         for f in fns.values():
             f(x)
-        t = interleaved({role: per_image(f, x, calls) for role, f in fns.items()}, sz.repeats)
-        rows.append(Result(f"student_over_teacher_latency_waterbirds_image{suffix}",
-                           paired_ratio(t["student"], t["teacher"]),
-                           note=f"{size} px, batch {batch}: student {median(t['student']) * 1e3:.2f} ms, teacher "
-                                f"{median(t['teacher']) * 1e3:.2f} ms per image"))
+        t = sz.repeat({role: per_image(f, x, calls) for role, f in fns.items()}, [("student", "teacher")])
+        rows.append(ratio_row(f"student_over_teacher_latency_waterbirds_image{suffix}", t["student"], t["teacher"],
+                              note=f"{size} px, batch {batch}: student {median(t['student']) * 1e3:.2f} ms, teacher "
+                                   f"{median(t['teacher']) * 1e3:.2f} ms per image"))
     return rows
+
+
+# --- costs of what other issues added: held-out signal, data fingerprint, TensorBoard -----------------------------
+def heldout_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
+    """``method_args.signal: heldout``: one ``refresh_heldout`` (a no-gradient pass of the student, and of the teacher
+    for the KD term, over the held-out batches), amortised over ``heldout_every`` steps, over one groupdistil step on
+    preloaded batches of the same trainer, interleaved."""
+    gd = pb.trainer("groupdistil", method_args={"signal": "heldout"})
+    method, every = gd.method, int(gd.cfg["method_args"]["heldout_every"])
+    batches = preload(gd, sz.preload)
+    for i in range(sz.warmup):
+        method.update(batches[i % len(batches)])
+    method.refresh_heldout()
+    t = sz.repeat({"refresh": lambda: seconds_per_call(lambda i: method.refresh_heldout(), 1),
+                   "step": lambda: seconds_per_call(lambda i: method.update(batches[i % len(batches)]), sz.steps)},
+                  [("refresh", "step")])
+    held = sum(len(b["index"]) for b in method.heldout)
+    return [ratio_row(f"heldout_refresh_share_of_step{'' if pb.cls.name == 'mms' else '_' + pb.cls.name}",
+                      t["refresh"], t["step"], scale=1 / every,
+                      note=f"{pb.cls.name}: refresh over {held} held-out samples of {len(gd.dataset)} "
+                           f"{median(t['refresh']) * 1e3:.0f} ms every {every} steps / groupdistil step "
+                           f"{median(t['step']) * 1e3:.0f} ms (batch {pb.batch_size}); it grows with the held-out "
+                           f"count (heldout_fraction of the training cases)")]
+
+
+def fingerprint_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
+    """``Pipeline.fingerprint()`` (content hash of every file the run reads: train, val and test) over the run's
+    loading of those files: ``Pipeline.train_dataset()`` as ``Trainer.build`` calls it (M&Ms: the training slices
+    preprocessed, the validation and test volumes read and preprocessed, the pathology classifier fitted;
+    Waterbirds: the training images decoded and resized, plus the validation and test images as the first
+    validation and the final evaluation decode them), each on a fresh pipeline (nothing cached), interleaved."""
+    samples: list[int] = []
+
+    def fresh() -> Pipeline:
+        p = pb.cls(pb.student, pb.root)
+        getattr(p, "splits", None)  # M&Ms: the metadata table and the splits, which both sides read (not timed)
+        return p
+
+    def fingerprint() -> float:
+        p = fresh()
+        start = time.perf_counter()
+        p.fingerprint()
+        return time.perf_counter() - start
+
+    def loading() -> float:
+        p = fresh()
+        start = time.perf_counter()
+        samples.append(len(p.train_dataset()))  # type: ignore[arg-type]
+        if pb.cls.name == "waterbirds":  # its validation and test images, decoded at the first validation / the end
+            for split in ("val", "test"):
+                p._images(split)  # type: ignore[attr-defined]
+        return time.perf_counter() - start
+
+    fingerprint(), loading()  # warm-up: the files in the page cache for both
+    t = sz.repeat({"fingerprint": fingerprint, "loading": loading}, [("fingerprint", "loading")])
+    suffix = "" if pb.cls.name == "mms" else f"_{pb.cls.name}"
+    return [ratio_row(f"fingerprint_share_of_data_loading{suffix}", t["fingerprint"], t["loading"],
+                      note=f"{pb.cls.name}: fingerprint {median(t['fingerprint']) * 1e3:.0f} ms / loading "
+                           f"{median(t['loading']) * 1e3:.0f} ms ({samples[-1]} training samples)")]
+
+
+def tensorboard_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
+    """``train.tensorboard: true``: what the ``Tracker`` adds per step, ``Tracker.train_record`` of the ``log_every``
+    records one ``StepLogger`` flush writes (every logged value) plus the event file's flush, amortised per step, over
+    one groupdistil step on preloaded batches, interleaved."""
+    from groupdistil.progress import StepLogger, Tracker, tracking_available
+
+    if not tracking_available():
+        return [Result("tensorboard_share_of_step", None, note="tensorboard is not installed (the tracking extra)")]
+    gd = pb.trainer("groupdistil")
+    every = int(gd.t["log_every"])
+    batches = preload(gd, sz.preload)
+    log_file = pb.work / "tensorboard_train_log.jsonl"
+    logger = StepLogger(log_file, True)
+    for i in range(every):  # the records of one flush, with the values a run logs
+        logger.add(i + 1, gd.method.update(batches[i % len(batches)]))
+    logger.flush()
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    tracker = Tracker(pb.work / "tensorboard", gd.train_group_names, 0)
+
+    def log_window() -> float:
+        start = time.perf_counter()
+        for r in records:
+            tracker.train_record(r)
+        tracker.writer.flush()
+        return (time.perf_counter() - start) / every
+
+    t = sz.repeat({"tensorboard": log_window,
+                   "step": lambda: seconds_per_call(lambda i: gd.method.update(batches[i % len(batches)]), sz.steps)},
+                  [("tensorboard", "step")])
+    tracker.close()
+    values = sum(len(v) if isinstance(v, list) else 1 for k, v in records[0].items() if k != "step")
+    return [ratio_row("tensorboard_share_of_step", t["tensorboard"], t["step"],
+                      note=f"{pb.cls.name} groupdistil: {values} scalars per step, written every {every} steps "
+                           f"({median(t['tensorboard']) * 1e6:.0f} us per step) / step "
+                           f"{median(t['step']) * 1e3:.1f} ms (batch {pb.batch_size})")]
 
 
 # --- quickstart ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import UserError
+from .teacher import TeacherRecord
 
 ENTRY_POINT_GROUP = "groupdistil.pipelines"
 
@@ -186,7 +187,7 @@ class Pipeline(abc.ABC):
     # --- evaluation -------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
-                 teacher: Predictor | None = None) -> dict[str, Any]:
+                 teacher: Predictor | TeacherRecord | None = None) -> dict[str, Any]:
         """Evaluate on ``split`` (``"val"`` or ``"test"``).
 
         Returns JSON-serialisable metrics with at least ``worst_group_metric`` (higher is better; model selection
@@ -196,8 +197,26 @@ class Pipeline(abc.ABC):
         image for Waterbirds) is moved by the trainer into ``timing.json`` and the report's ``info``, so
         ``metrics.json`` stays identical between identical runs. When ``out_dir`` is given, per-case files are
         written there
-        (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it.
+        (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it; a
+        :class:`~groupdistil.teacher.TeacherRecord` (only given to a pipeline whose :meth:`load_teacher_record`
+        accepted it) is the teacher's recorded evaluation on this data with these settings, reported instead of
+        running the teacher, with the same content (its ``metrics[split]`` under ``teacher``, its
+        ``infer_seconds_per_case`` as ``teacher_infer_seconds_per_case``).
         """
+
+    @classmethod
+    def evaluation_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """What a model's evaluation depends on in a run config besides its weights (which cases, groups and metrics,
+        how inference runs): a student whose value equals its teacher run's, on the same data, reports the
+        teacher's recorded evaluation (:meth:`load_teacher_record`). Default: the ``data`` and ``eval`` sections."""
+        cfg = cls.with_defaults(cfg)
+        return {"data": cfg.get("data"), "eval": cfg.get("eval")}
+
+    def load_teacher_record(self, record: TeacherRecord) -> TeacherRecord | None:
+        """Accept a teacher's recorded evaluation (checked by the engine: same data, same :meth:`evaluation_config`,
+        same device and precision), completed with whatever else :meth:`evaluate` reads from the teacher's folder
+        (``record.cases``); None keeps evaluating the teacher by running it. Default: None (not supported)."""
+        return None
 
     def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
         """Score predictions made elsewhere (``groupdistil evaluate``) on ``split`` as :meth:`evaluate` scores a

@@ -130,7 +130,9 @@ def timing_note(machine: Any) -> str:
     """One sentence under a report's timings: the threads, cores and load they were measured with (indicative)."""
     if not isinstance(machine, dict):
         return ""
+    busy = machine.get("busy_cores_at_start")
+    others = "" if busy is None else f", {busy} core(s) in use by other processes when the threads were chosen"
     return (f"Timings are indicative: measured with {machine.get('torch_threads', '?')} torch thread(s) on "
             f"{machine.get('cpu_cores', '?')} core(s), load average {machine.get('load_average_at_start', '?')} "
-            f"when training started and {machine.get('load_average_at_end', '?')} at the end; other work on the "
-            f"machine slows them.")
+            f"when training started and {machine.get('load_average_at_end', '?')} at the end{others}; other work "
+            f"on the machine slows them.")

@@ -1,5 +1,7 @@
 """The frozen teacher: a model run under inference mode, optionally cached (loading: :mod:`groupdistil.checkpoint`),
-or a teacher made elsewhere given only as its saved probabilities on the training set.
+or a teacher made elsewhere given only as its saved probabilities on the training set; and a teacher's final
+evaluation recorded in its run folder (:func:`recorded_evaluation`), which a student run reports instead of
+evaluating the teacher again when it was made on the same data with the same settings.
 
 Saved probabilities (``--teacher FOLDER``, read by the pipeline's
 :meth:`~groupdistil.pipeline.Pipeline.teacher_targets`) become the cache directly: the KD term receives
@@ -11,8 +13,10 @@ logits (up to the floor and the storage precision of the files).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,3 +138,75 @@ def probabilities_problem(p: np.ndarray, axes: str = "", class_axis: int = 0) ->
         return (f"the probabilities do not sum to 1 over the classes (off by up to {float(off.max()):.3g}, tolerance "
                 f"{PROB_SUM_ATOL:g}; the first such position without the class axis: {first})")
     return ""
+
+
+#: the splits of a run's final evaluation
+SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """A teacher's final evaluation as its own run recorded it, valid for a student run's data and settings.
+
+    ``metrics[split]`` is the teacher run's ``metrics.json[split]`` (the evaluation of its selected model, the one a
+    student distils) without teacher entries of its own: what ``Pipeline.evaluate(..., teacher=predictor)`` returns
+    under ``"teacher"``. ``timing[split]`` is its ``timing.json[split]``. ``cases[split]``: per-case outputs a
+    pipeline read from the folder (:meth:`Pipeline.load_teacher_record`), e.g. the teacher's predictions.
+    """
+
+    run_dir: Path
+    metrics: dict[str, dict[str, Any]]
+    timing: dict[str, dict[str, Any]]
+    cases: dict[str, Any] = field(default_factory=dict)
+
+    def seconds_per_case(self, split: str) -> float | None:
+        """The teacher's ``infer_seconds_per_case`` on ``split`` as its run measured it."""
+        return self.timing.get(split, {}).get("infer_seconds_per_case")
+
+
+def recorded_evaluation(checkpoint: Path, run_hash: str | None, step: int | None, cfg: dict[str, Any],
+                        evaluation_config: Callable[[dict[str, Any]], dict[str, Any]],
+                        where: dict[str, Any]) -> tuple[TeacherRecord | None, str]:
+    """The teacher's recorded final evaluation when it holds for a student run (config ``cfg``), else None; and why
+    (one phrase).
+
+    It holds when ``checkpoint`` (of config hash ``run_hash``, saved at ``step``) is ``RUN/checkpoints/best.pt`` of
+    a finished run (``metrics.json`` with val and test) whose ``config.yaml`` has that hash and whose selected step
+    is ``step``, made on the same data (``run.data_fingerprint`` equal and known), with equal ``evaluation_config``
+    (the pipeline's data and evaluation settings), on the same device and precision (``where``: ``{"device",
+    "precision"}``, as ``timing.json["machine"]`` records them).
+    """
+    import yaml
+
+    from .config import config_hash
+
+    ck_path = Path(checkpoint)
+    run_dir = ck_path.parent.parent
+    if ck_path.name != "best.pt" or ck_path.parent.name != "checkpoints":
+        return None, "not the best.pt of a run folder"
+    files = {name: run_dir / name for name in ("metrics.json", "config.yaml", "timing.json")}
+    missing = [name for name, p in files.items() if not p.is_file()]
+    if missing:
+        return None, f"no {', '.join(missing)} in {run_dir}"
+    try:
+        metrics, timing = (json.loads(files[n].read_text()) for n in ("metrics.json", "timing.json"))
+        teacher_cfg = yaml.safe_load(files["config.yaml"].read_text()) or {}
+    except Exception as e:  # noqa: BLE001 - an unreadable record is only not used
+        return None, f"its files do not read ({type(e).__name__})"
+    if not all(isinstance(d, dict) for d in (metrics, timing, teacher_cfg)):
+        return None, "its files do not hold what a run writes"
+    fingerprint = (cfg.get("run") or {}).get("data_fingerprint")
+    if config_hash(teacher_cfg, exclude=()) != run_hash:
+        return None, f"{files['config.yaml']} is not the checkpoint's config"
+    if metrics.get("selected_step") != step or not all(isinstance(metrics.get(s), dict) for s in SPLITS):
+        return None, f"{files['metrics.json']} is not the evaluation of the checkpoint's step"
+    if not fingerprint or (teacher_cfg.get("run") or {}).get("data_fingerprint") != fingerprint:
+        return None, "made on other data (data fingerprint)"
+    if evaluation_config(teacher_cfg) != evaluation_config(cfg):
+        return None, "made with other data or evaluation settings"
+    machine = timing.get("machine") or {}
+    if any(machine.get(k) != v for k, v in where.items()):
+        return None, (f"made on {machine.get('device', 'an unrecorded device')} in "
+                      f"{machine.get('precision', 'an unrecorded precision')}")
+    own = {s: {k: v for k, v in metrics[s].items() if not k.startswith("teacher")} for s in SPLITS}
+    return TeacherRecord(run_dir, own, {s: timing.get(s) or {} for s in SPLITS}), "same data and settings"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -24,19 +23,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
-from .checkpoint import CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, rng_state, set_rng_state
+from .checkpoint import (CKPT_FORMAT, load_checkpoint, load_model_from_checkpoint, resolve_checkpoint, rng_state,
+                         set_rng_state)
 from .config import config_hash, dump_yaml, select_method_args
 from .errors import UserError
 from .grouping import agreement, infer_groups, teacher_pass
 from .io import atomic_torch_save, atomic_write_json, atomic_write_text
 from .losses import TaskLoss
 from .methods import METHODS, Method
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Predictor
 from .progress import Progress, StepLogger, Tracker, log, tracking_available
 from .rundir import FolderLock, prepare_run_dir, truncate_jsonl
-from .runtime import Runtime, count_params, machine_state, pick_device
+from .runtime import Runtime, count_params, load_average, machine_state, pick_device
 from .sampling import StepBatchSampler, heldout_split
-from .teacher import Teacher, is_probabilities_source, probabilities_identity
+from .teacher import Teacher, TeacherRecord, is_probabilities_source, probabilities_identity, recorded_evaluation
 
 #: what the engine writes into RUN_DIR (the pipeline adds its ``run_outputs``); ``export`` is ``groupdistil export``'s
 ENGINE_OUTPUTS = ("config.yaml", "train_log.jsonl", "eval_log.jsonl", "checkpoints", "metrics.json", "timing.json",
@@ -72,6 +72,7 @@ class Trainer:
         select_method_args(cfg, cfg["method_args"], "method_args")  # defaults filled, ranges checked
         self.inferring = cfg["grouping"]["mode"] != "labels"
         self.uses_teacher = self.method_cls.needs_teacher or self.inferring
+        self.teacher_path, self.teacher_id = teacher_path, None  # the teacher's (run hash, step)
         if self.uses_teacher:
             if not teacher_path:
                 why = (f"method '{cfg['method']}' distils a teacher" if self.method_cls.needs_teacher else
@@ -86,6 +87,7 @@ class Trainer:
         elif self.uses_teacher:
             # load (and so check) the teacher before anything is written
             self.teacher_cpu, teacher_ck = load_model_from_checkpoint(teacher_path, pipeline_cls)
+            self.teacher_id = (teacher_ck.get("run_hash"), teacher_ck.get("step"))
         self.pipeline = pipeline_cls(cfg, data_root)
         if self.uses_teacher and not self.teacher_probs:
             self.check_teacher_heads(teacher_path)
@@ -222,6 +224,7 @@ class Trainer:
                 tm = tm.to(memory_format=torch.channels_last)
             teacher = Teacher(tm, self.runtime.autocast) if self.method_cls.needs_teacher else None
             self.teacher_model = tm
+        self.teacher_record = self.find_teacher_record()
         criterion = TaskLoss(heads, self.cfg["loss"])
         self.dataset = self.pipeline.train_dataset()
         if self.teacher_probs:
@@ -241,6 +244,24 @@ class Trainer:
         note = self.method.prepare(self.dataset, self.train_groups(), self.t["batch_size"])
         if note:
             log(note)
+
+    def find_teacher_record(self) -> TeacherRecord | None:
+        """The teacher run's recorded val/test evaluation, when it holds for this run (:func:`recorded_evaluation`)
+        and the pipeline takes it: the final evaluation then reports it instead of running the teacher again."""
+        if self.teacher_id is None or not self.teacher_path:
+            return None
+        ck_path = resolve_checkpoint(self.teacher_path)
+        where = {"device": self.runtime.device.type, "precision": self.runtime.precision}
+        record, why = recorded_evaluation(ck_path, *self.teacher_id, self.cfg, self.pipeline.evaluation_config, where)
+        if record is not None:
+            record = self.pipeline.load_teacher_record(record)
+            why = why if record is not None else f"the {self.pipeline.name} pipeline cannot use its record"
+        if record is not None:
+            log(f"teacher: its val and test evaluation is taken from {record.run_dir}/metrics.json ({why}), "
+                f"not run again")
+        elif ck_path.name == "best.pt":
+            log(f"teacher: evaluated again at the end of the run (its recorded evaluation: {why})")
+        return record
 
     def train_groups(self) -> torch.Tensor:
         """The group of every training sample as training sees it: the inferred one, or the pipeline's."""
@@ -390,7 +411,7 @@ class Trainer:
                     truncate_jsonl(self.run_dir / name, start)
             log(f"resuming {self.run_dir} from step {start}")
         total = self.t["max_steps"]
-        self.t_load = os.getloadavg()[0]  # the load when training started, for timing.json
+        self.t_load = load_average()  # the load when training started, for timing.json
         progress = Progress(total, start, self.main)
         step = start
         batches = iter(self.loader(start))
@@ -422,7 +443,9 @@ class Trainer:
     def finish(self, step: int, train_seconds: float) -> dict[str, Any] | None:
         """Evaluate the last and the selected model (every rank, sharded); rank 0 writes metrics and report."""
         t0 = time.time()
-        teacher_pred = self.runtime.predictor(self.teacher_model) if self.teacher_model is not None else None
+        teacher: Predictor | TeacherRecord | None = self.teacher_record
+        if teacher is None and self.teacher_model is not None:
+            teacher = self.runtime.predictor(self.teacher_model)
         best_state = dist_utils.broadcast_object(
             load_checkpoint(self.run_dir / "checkpoints" / "best.pt") if self.main else None)
         selected = copy.deepcopy(self.student)
@@ -437,7 +460,7 @@ class Trainer:
         last: dict[str, Any] = {"step": step}
         for split in ("val", "test"):
             m = self.pipeline.evaluate(self.runtime.predictor(selected), split, out_dir=self.run_dir,
-                                       teacher=teacher_pred)
+                                       teacher=teacher)
             timing[split] = m.pop("timing", {})
             metrics[split] = m
             if metrics["selected_step"] == step:  # the same weights: no second evaluation
@@ -447,7 +470,9 @@ class Trainer:
                 last[split].pop("timing", None)
         metrics["last"] = last
         timing["eval_seconds"] = time.time() - t0
-        timing["machine"] = machine_state(self.t_load)
+        if self.teacher_record is not None:  # the teacher's figures (and inference time) are its run's own
+            timing["teacher_evaluation_from"] = str(self.teacher_record.run_dir)
+        timing["machine"] = machine_state(self.t_load, self.runtime)
         if self.main:
             info = {"method": self.cfg["method"], "seed": self.cfg["seed"], "params": count_params(self.student),
                     **({"teacher": self.cfg["run"]["teacher"]} if self.teacher_probs else {}),

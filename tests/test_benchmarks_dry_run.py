@@ -1,4 +1,5 @@
-"""The GPU scripts cannot rot on machines without a GPU: their logic runs on the CPU at tiny sizes (issue 17)."""
+"""The GPU scripts cannot rot on machines without a GPU: their logic runs on the CPU at tiny sizes (issue 17); and the
+benchmarks' repeat logic (timing.py) on made-up timings."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +28,29 @@ def test_gpu_benchmark_cpu_dry_run() -> None:
         assert out[key] > 0
     assert set(out["host_syncs"]) == {"gd_fp32", "gd_bf16", "kd_bf16", "gd_bf16_cached", "kd_bf16_cached"}
     assert all(v is None for v in out["host_syncs"].values())  # nothing to check without CUDA
+
+
+def _timing():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import timing
+
+    return timing
+
+
+def test_interleaved_adds_repeats_until_the_ratio_settles() -> None:
+    timing = _timing()
+    noisy = iter([1.0, 1.3, 0.8, 1.2, 0.9] * 100)
+    steady = timing.interleaved({"a": lambda: 2.0, "b": lambda: 1.0}, 3, [("a", "b")], max_repeats=20)
+    assert len(steady["a"]) == 3 and timing.paired_ratio(steady["a"], steady["b"]) == 2.0  # IQR 0: settled
+    varied = timing.interleaved({"a": lambda: next(noisy), "b": lambda: 1.0}, 3, [("a", "b")], max_repeats=20)
+    assert len(varied["a"]) == 20  # never known to 1%: up to max_repeats
+    budget = timing.interleaved({"a": lambda: next(noisy), "b": lambda: 1.0}, 3, [("a", "b")], max_repeats=20,
+                                budget_s=0.0)
+    assert len(budget["a"]) == 3  # no time left after the minimum
+
+
+def test_quartiles_and_the_median_standard_error() -> None:
+    timing = _timing()
+    assert timing.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert timing.quartiles([7.0]) == (7.0, 7.0, 7.0)
+    assert timing.median_rel_se([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(0.93 * 2.0 / 5 ** 0.5 / 3.0)

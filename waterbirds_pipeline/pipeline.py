@@ -5,6 +5,7 @@ with ``metadata.csv`` or its parent holding ``waterbird_complete95_forest2water2
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import time
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from groupdistil import distributed as dist_utils
 from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
+from groupdistil.teacher import TeacherRecord
 
 from . import metadata, report, synthetic
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageStore, WaterbirdsDataset, resize_size, tensor_transform
@@ -134,25 +136,48 @@ class WaterbirdsPipeline(Pipeline):
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
-                 teacher: Predictor | None = None) -> dict[str, Any]:
+                 teacher: Predictor | TeacherRecord | None = None) -> dict[str, Any]:
         """Accuracies on ``split`` (see :mod:`waterbirds_pipeline.metrics`); the teacher's under ``"teacher"``.
 
         Every process evaluates its shard of the split and the predictions are gathered. With ``out_dir``, the
         main process (re)writes the split's rows of ``out_dir/predictions.csv``, keeping the other split's rows.
+        ``infer_seconds_per_case``: the evaluation's seconds per image without the teacher's forward passes, which
+        are ``teacher_infer_seconds_per_case`` (a recorded teacher: its run's ``infer_seconds_per_case``).
         """
         t0 = time.time()
         rows = self.meta.where(split)
         y, group = self.meta.y[rows], self.meta.group[rows]
-        preds = self._predict([predict] if teacher is None else [predict, teacher], split)
+        running = teacher is not None and not isinstance(teacher, TeacherRecord)
+        preds, seconds = self._predict([predict, teacher] if running else [predict], split)  # type: ignore[list-item]
         counts = self.train_group_counts
         result = accuracy_summary(preds[0], y, group, self.group_names, counts)
-        if teacher is not None:
-            result["teacher"] = accuracy_summary(preds[1], y, group, self.group_names, counts)
-            result["teacher_agreement"] = float((preds[0] == preds[1]).mean())
+        timing = {"infer_seconds_per_case": (time.time() - t0 - sum(seconds[1:])) / len(rows)}
+        teacher_preds = None
+        if isinstance(teacher, TeacherRecord):  # the teacher run's own evaluation on this data and these settings
+            teacher_preds = teacher.cases[split]
+            result["teacher"] = teacher.metrics[split]
+            timing["teacher_infer_seconds_per_case"] = teacher.seconds_per_case(split)
+        elif teacher is not None:
+            teacher_preds = preds[1]
+            result["teacher"] = accuracy_summary(teacher_preds, y, group, self.group_names, counts)
+            timing["teacher_infer_seconds_per_case"] = seconds[1] / len(rows)
+        if teacher_preds is not None:
+            result["teacher_agreement"] = float((preds[0] == teacher_preds).mean())
         if out_dir is not None and dist_utils.is_main():
-            self._write_predictions(Path(out_dir), split, preds[0], preds[1] if teacher is not None else None)
-        result["timing"] = {"infer_seconds_per_case": (time.time() - t0) / len(rows)}
+            self._write_predictions(Path(out_dir), split, preds[0], teacher_preds)
+        result["timing"] = timing
         return result
+
+    def load_teacher_record(self, record: TeacherRecord) -> TeacherRecord | None:
+        """The record with the teacher's predicted class of every val and test image (``record.cases[split]``,
+        int64 in split order, from its run's ``predictions.csv``: for the agreement and the ``teacher_prediction``
+        column); None when that file is missing or does not fit this data."""
+        path = record.run_dir / "predictions.csv"
+        try:
+            cases = {split: report.read_predictions(path, self.meta, split) for split in ("val", "test")}
+        except UserError:
+            return None
+        return dataclasses.replace(record, cases=cases)
 
     def _write_predictions(self, out_dir: Path, split: str, pred: np.ndarray, teacher: np.ndarray | None) -> None:
         """(Re)write the rows of ``split`` in ``out_dir/predictions.csv`` (predictions in split order)."""
@@ -175,8 +200,9 @@ class WaterbirdsPipeline(Pipeline):
         self._write_predictions(Path(out_dir), split, preds, None)
         return result
 
-    def _predict(self, predictors: list[Predictor], split: str) -> list[np.ndarray]:
-        """Predicted class of every image of ``split`` by each predictor, int64 ``(N,)`` each, in split order.
+    def _predict(self, predictors: list[Predictor], split: str) -> tuple[list[np.ndarray], list[float]]:
+        """Predicted class of every image of ``split`` by each predictor, int64 ``(N,)`` each, in split order; and
+        the seconds each predictor's forward passes took on this process.
 
         One pass over this process's shard, then the shards of all processes are gathered.
         """
@@ -184,15 +210,18 @@ class WaterbirdsPipeline(Pipeline):
         positions = list(dist_utils.shard(len(dataset)))
         loader = DataLoader(Subset(dataset, positions), batch_size=int(self.eval_cfg["batch_size"]), shuffle=False)
         chunks: list[list[torch.Tensor]] = [[] for _ in predictors]
+        seconds = [0.0 for _ in predictors]
         with torch.no_grad():
             for batch in loader:
-                for out, predict in zip(chunks, predictors):
-                    out.append(predict(batch["x"])["cls"].argmax(1).cpu())
+                for k, predict in enumerate(predictors):
+                    start = time.perf_counter()
+                    chunks[k].append(predict(batch["x"])["cls"].argmax(1).cpu())
+                    seconds[k] += time.perf_counter() - start
         mine = np.stack([np.asarray(positions, dtype=np.int64),
                          *(torch.cat(c).numpy() if c else np.zeros(0, np.int64) for c in chunks)])
         gathered = np.concatenate(dist_utils.gather_objects([mine]), axis=1)
         ordered = gathered[:, np.argsort(gathered[0])]
-        return list(ordered[1:])
+        return list(ordered[1:]), seconds
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
         report.write_report(run_dir, metrics, info, self.group_names, self.train_group_counts)

@@ -308,6 +308,54 @@ def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipelin
                 assert cls.ndim == 2 and cls.shape[1] == 4 and torch.allclose(cls.sum(1), torch.ones(len(cls)))
 
 
+def _previous_predict_volume(pipe: MMSPipeline, predict: Any, image: Any) -> tuple[np.ndarray, torch.Tensor | None]:
+    """``predict_volume`` as it was before the argmax became :func:`channel_argmax` (issue 17)."""
+    from monai.data import MetaTensor
+
+    from mms_pipeline.pipeline import _spatial_outputs
+
+    with torch.inference_mode():
+        out = pipe.inferer(image.as_tensor()[None], _spatial_outputs(predict))
+        probs = torch.softmax(out["seg"][0].float().cpu(), dim=0)
+        native = pipe.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
+        labels = native.argmax(0).numpy().astype(np.uint8)
+        cls = None
+        if "cls" in out:
+            per_slice = torch.softmax(out["cls"][0, :, 0, 0, :].float().cpu(), dim=0).T
+            fg = probs.argmax(0).flatten(0, 1).any(0)
+            cls = per_slice[fg] if fg.any() else per_slice
+    return labels, cls
+
+
+def test_whole_volume_inference_gives_the_labels_of_the_previous_path(mms_pipeline: MMSPipeline) -> None:
+    torch.manual_seed(0)
+    net = mms_pipeline.model_for({"model": {"cls_head": "encoder"}}).eval()
+    predictors = {"network": net,
+                  "ties": lambda x: {k: v.round() for k, v in net(x).items()},  # whole logits: equal maxima
+                  "uniform": lambda x: {"seg": torch.zeros(len(x), 4, *x.shape[2:])}}  # every channel tied
+    for name, predict in predictors.items():
+        for split in ("val", "test"):
+            for pc in mms_pipeline.case(split, 0).phases.values():
+                labels, cls, _ = mms_pipeline.predict_volume(predict, pc.image)
+                want, want_cls = _previous_predict_volume(mms_pipeline, predict, pc.image)
+                assert np.array_equal(labels, want) and labels.dtype == want.dtype, name
+                assert (cls is None and want_cls is None) or torch.equal(cls, want_cls), name
+
+
+@pytest.mark.parametrize("shape", [(4, 9, 7, 3), (2, 5), (5, 1, 1, 1)])
+def test_channel_argmax_is_argmax(shape: tuple[int, ...]) -> None:
+    from mms_pipeline.pipeline import channel_argmax
+
+    g = torch.Generator().manual_seed(0)
+    tied = torch.randint(0, 3, shape, generator=g).float()
+    special = tied.clone()
+    special[torch.rand(shape, generator=g) < 0.1] = float("nan")
+    special[torch.rand(shape, generator=g) < 0.1] = float("inf")
+    special[torch.rand(shape, generator=g) < 0.1] = -0.0
+    for p in (torch.softmax(torch.randn(shape, generator=g), 0), tied, special, torch.zeros(shape)):
+        assert torch.equal(channel_argmax(p), p.argmax(0))
+
+
 def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
     """The ground truth, preprocessed like an image, through SliceInferer and back to native: Dice near 1."""
     s = mms_pipeline.splits["val"][0]
@@ -327,6 +375,16 @@ def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
     for k in (1, 2, 3):
         p, g = labels == k, gt == k
         assert 2 * np.count_nonzero(p & g) / (p.sum() + g.sum()) > 0.9
+
+
+def test_evaluation_config_holds_what_scores_a_teacher() -> None:
+    """A teacher's recorded evaluation is reused only with the same data, eval and pathology settings."""
+    base = {"data": {"roi": [96, 96]}, "eval": {}, "model": {"encoder": "resnet18", "decoder_channels": [8] * 5}}
+    small = {**base, "model": {"encoder": "tu-tf_mobilenetv3_small_minimal_100"}}
+    assert MMSPipeline.evaluation_config(base) == MMSPipeline.evaluation_config(small)  # architectures differ
+    for change in ({"model": {"cls_head": "encoder"}}, {"model": {"classify": False}}, {"eval": {"sw_batch_size": 4}},
+                   {"data": {"roi": [64, 64]}}):
+        assert MMSPipeline.evaluation_config({**base, **change}) != MMSPipeline.evaluation_config(base), change
 
 
 def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:

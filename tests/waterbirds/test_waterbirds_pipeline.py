@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from groupdistil.teacher import TeacherRecord
 from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -25,6 +26,26 @@ def test_groups_and_counts(pipeline: WaterbirdsPipeline, synth_counts: dict[str,
     groups = pipeline.train_groups()
     assert groups.dtype == torch.long and len(groups) == len(pipeline.train_dataset())
     assert torch.bincount(groups).tolist() == synth_counts["train"]
+
+
+def test_a_recorded_teacher_gives_what_running_it_gives(pipeline: WaterbirdsPipeline, tmp_path: Path) -> None:
+    teacher_dir = tmp_path / "teacher"
+    own = {s: pipeline.evaluate(always(1), s, out_dir=teacher_dir) for s in ("val", "test")}  # the teacher's run
+    empty = TeacherRecord(tmp_path / "elsewhere", {}, {})
+    assert pipeline.load_teacher_record(empty) is None  # no predictions.csv there: the teacher is run again
+    record = pipeline.load_teacher_record(TeacherRecord(
+        teacher_dir, {s: {k: v for k, v in m.items() if k != "timing"} for s, m in own.items()},
+        {s: m["timing"] for s, m in own.items()}))
+    assert record is not None and all((record.cases[s] == 1).all() for s in ("val", "test"))
+    for split in ("val", "test"):
+        ran, recorded = (pipeline.evaluate(always(0), split, out_dir=tmp_path / name, teacher=t)
+                         for name, t in (("ran", always(1)), ("recorded", record)))
+        assert ran.pop("timing")["teacher_infer_seconds_per_case"] > 0
+        assert recorded.pop("timing")["teacher_infer_seconds_per_case"] == own[split]["timing"][
+            "infer_seconds_per_case"]
+        assert ran == recorded and ran["teacher_agreement"] == 0.0
+    ran_csv, recorded_csv = (tmp_path / name / "predictions.csv" for name in ("ran", "recorded"))
+    assert ran_csv.read_bytes() == recorded_csv.read_bytes()
 
 
 def test_model_for_fills_defaults(pipeline: WaterbirdsPipeline) -> None:
