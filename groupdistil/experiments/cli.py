@@ -46,9 +46,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     from .run import run_comparison
 
+    synthesised = not Path(args.data_root).exists()
     overrides = {k: v for item in args.set or [] for k, v in [_flat_set(item)]}
     run_comparison(args.experiment, args.data_root, args.out, overrides=overrides, jobs=args.jobs,
                    reuse=args.reuse)
+    if key and synthesised:  # the data root this comparison synthesised exists now: its files are in the request
+        key = compare_request_key(args)
     if key:
         record_request(out, key)
     return 0

@@ -231,7 +231,7 @@ def test_unknown_synthesis_option_is_an_error(tmp_path, monkeypatch):
         run_comparison(path, tmp_path / "data", tmp_path / "out", pipeline_cls=ToyPipeline)
 
 
-def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
+def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch, capsys):
     from groupdistil.experiments import run as run_module
 
     torch.set_num_threads(1)
@@ -247,6 +247,10 @@ def test_cli_subcommand_looks_the_pipeline_up_by_name(tmp_path, monkeypatch):
     assert cfg["train"]["max_steps"] == 3 and cfg["train"]["lr"] == 0.02  # compare --set reaches every run
     assert [r["run_dir"] for r in read_csv(tmp_path / "o" / "runs.csv")] == ["runs/erm__seed=0"]
     assert "Paired comparisons" not in (tmp_path / "o" / "report.md").read_text()
+    # the data root this comparison synthesised is part of the recorded request: the rerun is recognised at once
+    monkeypatch.setattr(run_module, "run_comparison", lambda *a, **k: pytest.fail("finished comparison rerun"))
+    assert args.func(build_parser().parse_args(argv)) == 0
+    assert "every run finished and the report is written" in capsys.readouterr().err
 
 
 def test_group_weight_plot_leaves_out_groups_never_trained_on(tmp_path, monkeypatch):
