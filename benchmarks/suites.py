@@ -29,7 +29,7 @@ from groupdistil.io import atomic_torch_save
 from groupdistil.methods import METHODS
 from groupdistil.pipeline import Pipeline
 from groupdistil.sampling import StepBatchSampler
-from groupdistil.runtime import build_optimizer
+from groupdistil.runtime import Runtime, build_optimizer
 from groupdistil.trainer import Trainer, seed_everything
 
 CPU = torch.device("cpu")
@@ -138,13 +138,9 @@ def preload(trainer: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def predictor(model: torch.nn.Module) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
-    """As ``Trainer.predictor`` on CPU: eval mode, inference mode, float outputs."""
-
-    def predict(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode():
-            return {k: v.float() for k, v in model(x).items()}
-
-    return predict
+    """The trainer's own predictor on CPU (``Runtime.predictor``: eval mode, inference mode, channels_last input,
+    float outputs)."""
+    return Runtime().predictor(model)
 
 
 # --- groupdistil vs kd step, loader vs step throughput ------------------------------------------------------------

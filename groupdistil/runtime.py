@@ -7,6 +7,7 @@ scheduler factories, the DDP wrapper): the trainer builds one per run, and a met
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -225,14 +226,43 @@ class Runtime:
                    scheduler=partial(build_scheduler, t=train_cfg), **kw)
 
     def predictor(self, model: nn.Module) -> Predictor:
-        """``x -> {head: float32 logits}``: ``model`` in eval mode under inference mode and this autocast."""
+        """``x -> {head: float32 logits}``: ``model`` in eval mode under inference mode and this autocast.
+
+        On the CPU the predictor runs a channels_last copy of ``model`` as it is now (the trainer makes one predictor
+        per evaluation; make a new one after the weights change): the few-channel, full-resolution convolutions of a
+        small student run much faster in that layout (``benchmarks/README.md``), the logits agree to float32
+        rounding, and the trained model itself keeps its layout (CPU training is unchanged). Elsewhere ``model`` is
+        used as it is (the trainer already keeps CUDA models channels_last with ``train.channels_last``)."""
+        net = _channels_last_copy(model) if self.device.type == "cpu" else model
+        last = _is_channels_last(net)
 
         def predict(x: Tensor) -> dict[str, Tensor]:
-            model.eval()
+            net.eval()
+            x = x.to(self.device)
+            if last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), self.autocast():
-                return {k: v.float() for k, v in model(x.to(self.device)).items()}
+                return {k: v.float() for k, v in net(x).items()}
 
         return predict
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in model.parameters())
+
+
+def _channels_last_copy(model: nn.Module) -> nn.Module:
+    """A channels_last copy of a module with 2-D convolutions (its 4-D weights); ``model`` itself otherwise (no such
+    weights, or a module that cannot be copied, e.g. some TorchScript modules)."""
+    if not isinstance(model, nn.Module) or not any(p.dim() == 4 and p.shape[1] * p.shape[2] * p.shape[3] > 1
+                                                   for p in model.parameters()):
+        return model
+    try:
+        net = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - an uncopyable module is used as it is
+        return model
+    return net.to(memory_format=torch.channels_last)
 
 
 def build_optimizer(params: Iterable[nn.Parameter], t: dict[str, Any]) -> torch.optim.Optimizer:

@@ -431,3 +431,27 @@ def test_metric_note_follows_the_metric_and_grouping() -> None:
     assert "mean Dice" in MMSPipeline.metric_note({}) and "worst test vendor" in MMSPipeline.metric_note({})
     cls_note = MMSPipeline.metric_note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
     assert "classification accuracy of the worst test centre" in cls_note and "Dice" not in cls_note
+
+
+def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipeline: MMSPipeline) -> None:
+    """``Runtime.predictor`` hands image batches to the model as channels_last (faster small convolutions on the
+    CPU, issue 17): the logits of the student and the teacher architectures agree with a plain call on the
+    contiguous batch to float32 rounding, and the whole path's labels and class probabilities are the same."""
+    from groupdistil.runtime import Runtime
+
+    torch.manual_seed(0)
+    for encoder in ("tu-tf_mobilenetv3_small_minimal_100", "resnet18"):
+        net = mms_pipeline.model_for({"model": {"cls_head": "encoder", "encoder": encoder}}).eval()
+        x = torch.randn(3, 1, 64, 64)
+        with torch.inference_mode():
+            plain = net(x)
+        fast = Runtime().predictor(net)(x)
+        assert fast["seg"].is_contiguous(memory_format=torch.channels_last)  # the copy ran in that layout
+        assert all(p.is_contiguous() for p in net.parameters())  # the model itself is untouched
+        for head in plain:
+            assert torch.allclose(fast[head], plain[head], rtol=1e-4, atol=1e-5), (encoder, head)
+        for pc in mms_pipeline.case("test", 0).phases.values():
+            labels, cls, _ = mms_pipeline.predict_volume(Runtime().predictor(net), pc.image)
+            want, want_cls = _previous_predict_volume(mms_pipeline, net, pc.image)
+            assert np.array_equal(labels, want), encoder
+            assert torch.allclose(cls, want_cls, atol=1e-5), encoder
