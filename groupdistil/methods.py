@@ -217,6 +217,7 @@ class _GroupWeighted(Method):
         self.register_buffer("heldout_counts", torch.zeros(self.n_groups))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self._updates: int | None = 0
+        self._heldout_teacher: list[Any] | None = None  # the teacher's outputs on the (fixed) held-out batches
 
     def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
         out = super().load_state_dict(*args, **kwargs)
@@ -234,13 +235,17 @@ class _GroupWeighted(Method):
 
     @torch.no_grad()
     def refresh_heldout(self) -> None:
-        """Mean per-group training loss of the current student on the held-out batches (no gradient)."""
+        """Mean per-group training loss of the current student on the held-out batches (no gradient). The held-out
+        batches are fixed tensors, so the teacher's outputs on them are computed at the first refresh and kept."""
         self.forward_model.eval()
+        if self._heldout_teacher is None:
+            with self.runtime.autocast():
+                self._heldout_teacher = [None if self.teacher is None else self.teacher(b) for b in self.heldout]
         sums = torch.zeros(self.n_groups, device=self.heldout_signal.device)
         counts = torch.zeros_like(sums)
-        for b in self.heldout:
+        for b, teacher_out in zip(self.heldout, self._heldout_teacher):
             with self.runtime.autocast():
-                loss = self.per_sample(b, self.forward_model(b["x"]))["total"].float()
+                loss = self.criterion(self.forward_model(b["x"]), b, teacher_out)["total"].float()
             s, c = group_sums(loss, b["group"], self.n_groups)
             sums, counts = sums + s, counts + c
         stats = self.runtime.reduce(torch.stack([sums, counts]))

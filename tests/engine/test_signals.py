@@ -10,6 +10,7 @@ from toy_pipeline import ToyNet, make_data, train_toy
 from groupdistil.config import ENGINE_DEFAULTS, deep_merge
 from groupdistil.losses import TaskLoss, per_sample_ce
 from groupdistil.methods import METHODS
+from groupdistil.runtime import Runtime
 from groupdistil.sampling import StepBatchSampler, heldout_split
 from groupdistil.teacher import Teacher
 
@@ -113,6 +114,44 @@ def test_excess_signal_by_hand():
     torch.testing.assert_close(logs["group_signal"], signal)
     raw = torch.exp(eta * signal)
     torch.testing.assert_close(logs["group_weight"], raw / raw.sum())
+
+
+def test_heldout_refresh_runs_the_teacher_once_and_matches_a_fresh_computation():
+    """The held-out batches are fixed: the teacher's outputs on them are computed at the first refresh and reused
+    (issue 17: the refresh cost was mostly the teacher); every refresh equals the per-sample training loss of the
+    current student with a freshly run teacher, by group."""
+    torch.manual_seed(2)
+    student, teacher_net = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    class Head(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.calls = net, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return {"cls": self.net(x)}
+
+    def batch(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(n, 4, generator=g), "cls": torch.randint(0, 3, (n,), generator=g),
+                "group": torch.arange(n) % 3, "index": torch.arange(n)}
+
+    held = [batch(5, 1), batch(4, 2)]
+    crit = TaskLoss({"cls": 1.0}, {**ENGINE_DEFAULTS["loss"], "alpha": 0.5, "tau": 2.0})
+    teacher_head = Head(teacher_net)
+    m = METHODS.get("groupdistil")(Head(student), crit, 3, [3, 3, 3], {"signal": "heldout", "heldout_every": 1},
+                                   teacher=Teacher(teacher_head, lambda: torch.no_grad()), heldout=held,
+                                   runtime=Runtime(optimizer=lambda p: torch.optim.SGD(p, lr=0.5)))
+    for step in range(3):
+        m.update(batch(6, 10 + step))  # refreshes first, then moves the student
+        with torch.no_grad():
+            losses = torch.cat([crit({"cls": student(b["x"])}, b, {"cls": teacher_net(b["x"])})["total"] for b in held])
+        groups = torch.cat([b["group"] for b in held])
+        want = torch.stack([losses[groups == g].mean() for g in range(3)])
+        m.refresh_heldout()
+        torch.testing.assert_close(m.heldout_signal, want)
+    assert teacher_head.calls == len(held) + 3  # once per held-out batch, plus one per training batch
 
 
 def test_excess_needs_a_teacher_and_signal_values_are_checked():
