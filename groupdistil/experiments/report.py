@@ -206,6 +206,13 @@ class Writer:
                 png = self.out / "plots" / f"group_weights{suffix}.png"
                 plot_group_weights(png, weighted, f"Group weights over training {lv}".strip())
                 made.append((png, "group weights"))
+            scored = {k: [r for r in runs if WORST in r.result and AVERAGE in r.result]
+                      for k, runs in variants.items() if k[0] == lv}
+            scored = {k: runs for k, runs in scored.items() if runs}
+            if len(scored) > 1:
+                png = self.out / "plots" / f"worst_vs_average{suffix}.png"
+                plot_worst_vs_average(png, scored, f"Worst group vs average (test) {lv}".strip())
+                made.append((png, "worst-group vs average"))
             specs = [r for r in self.specs if label(r.level) == lv]
             for key, short in short_keys(list(self.exp.sweep)).items():
                 png = self.out / "plots" / f"worst_vs_{short}{suffix}.png"
@@ -314,6 +321,22 @@ def plot_group_weights(png: Path, variants: dict[tuple[str, str, str], list[RunS
         ax.set_ylabel("group weight q_g")
         ax.legend(fontsize=7)
     fig.suptitle(title)
+    save_figure(fig, png)
+
+
+def plot_worst_vs_average(png: Path, variants: dict[tuple[str, str, str], list[RunSpec]], title: str) -> None:
+    """One point per method variant: its average metric (x) against its worst-group metric (y) on the test split,
+    means over the seeds with ± std bars; up and to the right is better on both."""
+    fig, (ax,) = _figure()
+    for runs in variants.values():
+        w, a = mean_std([r.result[WORST] for r in runs]), mean_std([r.result[AVERAGE] for r in runs])
+        ax.errorbar([a.mean], [w.mean], yerr=[0.0 if math.isnan(w.std) else w.std],
+                    xerr=[0.0 if math.isnan(a.std) else a.std], marker="o", capsize=3,
+                    label=f"{runs[0].title} (n={len(runs)})")
+    ax.set_xlabel("average metric (test)")
+    ax.set_ylabel("worst-group metric (test)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
     save_figure(fig, png)
 
 

@@ -133,8 +133,9 @@ def test_runs_csv_columns_and_sweeps(tmp_path):
     tests = read_csv(out / "paired_tests.csv")  # one seed: no t-test
     assert {t["test"] for t in tests} == {"n/a"} and len(tests) == 8  # 2 levels x 2 etas x 2 metrics
     for png in ("group_weights__minority_scale=1.0.png", "worst_vs_eta__minority_scale=0.25.png",
-                "worst_vs_data_level.png"):
+                "worst_vs_data_level.png", "worst_vs_average__minority_scale=1.0.png"):
         assert (out / "plots" / png).exists(), png
+    assert "plots/worst_vs_average__minority_scale=0.25.png" in (out / "report.md").read_text()
     assert "toy accuracy" in report.read_text() and "n/a" in (out / "report.md").read_text()
 
 
