@@ -194,6 +194,20 @@ def _matches(model_sd: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
     return sum(1 for k, v in source.items() if (m := model_sd.get(prefix + k)) is not None and _fit(m, v) is not None)
 
 
+def _wrappers(source: dict[str, torch.Tensor]) -> list[str]:
+    """Name prefixes the file's tensors may sit under in the model that wrote it: ``""`` and the first name component
+    shared by at least half of them (``backbone.`` of a Waterbirds run, ``encoder.`` of an smp model), so that
+    another project's model or another pipeline's run (a Waterbirds ResNet-18 for an M&Ms ResNet-18 encoder) fits."""
+    heads = [k.split(".", 1)[0] + "." for k in source if "." in k]
+    common = max(set(heads), key=heads.count) if heads else None
+    return [""] + ([common] if common and heads.count(common) * 2 >= len(source) else [])
+
+
+def _drop(source: dict[str, torch.Tensor], wrapper: str) -> dict[str, torch.Tensor]:
+    """``source`` with the names under ``wrapper`` stripped of it (the others dropped); ``source`` for ``""``."""
+    return {k[len(wrapper):]: v for k, v in source.items() if k.startswith(wrapper)} if wrapper else source
+
+
 def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | None = None,
               optional: tuple[str, ...] | None = None, prefixes: tuple[str, ...] | None = None) -> str:
     """Load into ``model`` every tensor of ``path`` (see :func:`init_state_dict`) that matches by name and shape;
@@ -213,8 +227,10 @@ def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | No
     prefixes = tuple(getattr(model, "init_prefixes", ("",))) if prefixes is None else tuple(prefixes)
     file, source = init_state_dict(path)
     own = model.state_dict()
-    prefix = max(prefixes, key=lambda p: _matches(own, source, p))  # the first of equals: the order is a preference
-    mapped = {prefix + k: v for k, v in source.items()}
+    # (wrapper the file's names drop, prefix they take in the model): the most matches; the first of equals
+    strip, prefix = max(((w, p) for w in _wrappers(source) for p in prefixes),
+                        key=lambda wp: _matches(own, _drop(source, wp[0]), wp[1]))
+    mapped = {prefix + k: v for k, v in _drop(source, strip).items()}
     fitted = {k: _fit(own[k], v) for k, v in mapped.items() if k in own}
     loaded = {k: v for k, v in fitted.items() if v is not None}
     adapted = [k for k in loaded if loaded[k] is not mapped[k]]
@@ -225,9 +241,11 @@ def init_from(model: nn.Module, path: str | Path, required: tuple[str, ...] | No
 
         def shapes(k: str) -> str:
             return f"{k}: model {tuple(own[k].shape)}, file {tuple(mapped[k].shape) if k in mapped else 'absent'}"
+        dropped = f", the file's prefix '{strip}' dropped" if strip else ""
         raise UserError(
             f"{file}: model.init_from does not fit this model: {len(bad)} of the {len(need)} tensors of its required "
-            f"part ({', '.join(required)}) are absent or of another shape (names matched under prefix '{prefix}'): "
+            f"part ({', '.join(required)}) are absent or of another shape (names matched under prefix '{prefix}'"
+            f"{dropped}): "
             f"{'; '.join(shapes(k) for k in bad[:_SHOWN])}{more}")
     model.load_state_dict(loaded, strict=False)
     return (f"init_from {path}: loaded {len(loaded)} tensors, {len(own) - len(loaded)} missing, "

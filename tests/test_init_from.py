@@ -109,6 +109,22 @@ def test_init_from_rgb_timm_weights_into_a_grey_scale_encoder(tmp_path: Path) ->
     assert torch.allclose(stem, reference["conv_stem.weight"].sum(1, keepdim=True))
 
 
+def test_a_waterbirds_run_initialises_an_mms_encoder(tmp_path: Path) -> None:
+    """Another pipeline's run: a Waterbirds ResNet-18 (names under ``backbone.``) into the ResNet-18 encoder of an
+    M&Ms U-Net (``net.encoder.``): the wrapper is dropped, the RGB stem summed, the 2-class fc left out."""
+    wb = _waterbirds_model()
+    path = tmp_path / "wb_resnet18.pt"
+    torch.save(wb.state_dict(), path)
+    net = build_unet("resnet18", (32, 16, 16, 8, 8), {"seg": 4})
+    m = SUMMARY.match(init_from(net, path))
+    encoder = {k: v for k, v in net.state_dict().items() if k.startswith("net.encoder.")}
+    assert m and int(m[2]) == len(encoder) and int(m[4]) == 2  # backbone.fc.weight / .bias unexpected
+    source = {k[len("backbone."):]: v for k, v in wb.state_dict().items()}
+    for name, value in encoder.items():
+        ref = source[name[len("net.encoder."):]]
+        assert torch.equal(value, ref.sum(1, keepdim=True) if name == "net.encoder.conv1.weight" else ref), name
+
+
 def test_trainer_applies_init_from(wb_root: Path, wb_run: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture) -> None:
     code, err = _run(wb_root, tmp_path / "student", wb_run, capsys)
