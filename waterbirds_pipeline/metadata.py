@@ -23,6 +23,8 @@ METADATA = "metadata.csv"
 COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 SPLITS = ("train", "val", "test")  # codes 0, 1, 2
 CLASS_NAMES = ("landbird", "waterbird")  # y
+SHAPE_COLUMN = "shape"  # optional: the pretraining corpus's object class (data.label: shape)
+N_SHAPES = 14  # its classes (waterbirds_pipeline.synthetic.SHAPE_NAMES)
 PLACE_NAMES = ("land", "water")  # place
 GROUP_NAMES = tuple(f"{c}_{p}" for c in CLASS_NAMES for p in PLACE_NAMES)  # index 2 * y + place
 
@@ -76,6 +78,8 @@ class Metadata:
     split: np.ndarray  # int64 (N,), 0 train, 1 val, 2 test
     place: np.ndarray  # int64 (N,)
     line: np.ndarray  # int64 (N,), line of the row in metadata.csv (the header is line 1)
+    #: int64 (N,), the pretraining corpus's shape class (its extra column ``shape``); None without that column
+    shape: np.ndarray | None = None
 
     @property
     def group(self) -> np.ndarray:
@@ -130,6 +134,9 @@ def read_metadata(root: Path) -> Metadata:
         for key, value in zip(columns, (img_id, path, y, split, place, line)):
             columns[key].append(value)
     ints = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items() if k != "path"}
+    if SHAPE_COLUMN in header:  # the pretraining corpus (synthetic.synthesize_corpus): a 14-class target
+        ints[SHAPE_COLUMN] = np.asarray([_int_field(row, SHAPE_COLUMN, N_SHAPES, f"{csv_path}:{line}")
+                                         for line, row in rows], dtype=np.int64)
     return Metadata(root=root, path=columns["path"], **ints)
 
 

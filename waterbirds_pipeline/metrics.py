@@ -35,8 +35,9 @@ CLASS_NAMES = ("landbird", "waterbird")  # y = 0, 1
 
 
 def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_names: Sequence[str],
-                     train_counts: Sequence[int]) -> dict[str, Any]:
-    """All accuracies of predictions ``pred`` ``(N,)`` against labels ``y`` ``(N,)``; JSON-serialisable.
+                     train_counts: Sequence[int], class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Any]:
+    """All accuracies of predictions ``pred`` ``(N,)`` against labels ``y`` ``(N,)`` (indices into ``class_names``);
+    JSON-serialisable.
 
     Also the engine's keys: ``group_metric`` (= group_acc), ``worst_group_metric`` (= worst_group_acc),
     ``average_metric`` (= train_weighted_avg_acc) and ``class_metric`` (the accuracy on the images of each class,
@@ -56,8 +57,8 @@ def accuracy_summary(pred: np.ndarray, y: np.ndarray, group: np.ndarray, group_n
         "train_weighted_avg_acc": float(np.nansum(acc * weights) / weights.sum()) if weights.sum() > 0 else None,
         "mean_group_acc": float(acc[present].mean()) if present.any() else None,
     }
-    cls_acc, cls_n = group_mean(correct, np.asarray(y), len(CLASS_NAMES))
-    summary["class_metric"] = {name: float(a) for name, a, k in zip(CLASS_NAMES, cls_acc, cls_n) if k > 0}
+    cls_acc, cls_n = group_mean(correct, np.asarray(y), len(class_names))
+    summary["class_metric"] = {name: float(a) for name, a, k in zip(class_names, cls_acc, cls_n) if k > 0}
     summary["group_metric"] = summary["group_acc"]
     summary["worst_group_metric"] = summary["worst_group_acc"]
     summary["average_metric"] = summary["train_weighted_avg_acc"]

@@ -42,6 +42,9 @@ class WaterbirdsPipeline(Pipeline):
             "image_size": 224,  # crop side; images are first resized to image_size * 256 / 224
             "augment": False,  # random resized crop (scale 0.7-1) + horizontal flip on training images
             "cache_images": True,  # decode and resize every image once, keep uint8 tensors in memory
+            # the class to predict: y (landbird / waterbird), or shape: the 14 object classes of the synthetic
+            # pretraining corpus (its extra column; for pretraining a backbone, groups stay (y, place))
+            "label": "y",
         },
         "model": {
             "arch": "resnet18",  # resnet18 | resnet34 | resnet50
@@ -61,6 +64,13 @@ class WaterbirdsPipeline(Pipeline):
             raise UserError("data.image_size must be >= 8 and eval.batch_size >= 1")
         self.root = metadata.resolve_root(self.data_root)
         self.meta = metadata.read_metadata(self.root)
+        label = _label(self.cfg)
+        if label == "shape" and self.meta.shape is None:
+            raise UserError(f"{self.root / metadata.METADATA}: data.label: shape needs the column "
+                            f"'{metadata.SHAPE_COLUMN}' of the pretraining corpus (groupdistil synth waterbirds "
+                            f"--option corpus=pretrain); this table has none")
+        #: the class of every image (N,): the bird (y) or, for pretraining, the corpus's shape class
+        self.labels: np.ndarray = self.meta.y if label == "y" else self.meta.shape  # type: ignore[assignment]
         for code, split in enumerate(metadata.SPLITS):
             if not (self.meta.split == code).any():
                 raise UserError(f"{self.root / metadata.METADATA}: no image of split {code} ({split})")
@@ -119,20 +129,20 @@ class WaterbirdsPipeline(Pipeline):
     def _dataset(self, split: str, augment: bool) -> WaterbirdsDataset:
         rows = self.meta.where(split)
         transform = tensor_transform(int(self.data_cfg["image_size"]), augment)
-        return WaterbirdsDataset(self._images(split), self.meta.y[rows], self.meta.group[rows], transform, augment)
+        return WaterbirdsDataset(self._images(split), self.labels[rows], self.meta.group[rows], transform, augment)
 
     # --- models -----------------------------------------------------------------------------------------------
     @property
     def heads(self) -> dict[str, int]:
-        return {"cls": len(metadata.CLASS_NAMES)}
+        return {"cls": len(self.class_names())}
 
     def class_names(self) -> list[str]:
-        return list(metadata.CLASS_NAMES)
+        return _class_names(self.cfg)
 
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
         m = cfg["model"]
-        return build_model(str(m["arch"]), bool(m["pretrained"]), len(metadata.CLASS_NAMES))
+        return build_model(str(m["arch"]), bool(m["pretrained"]), len(_class_names(cfg)))
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
@@ -146,11 +156,11 @@ class WaterbirdsPipeline(Pipeline):
         """
         t0 = time.time()
         rows = self.meta.where(split)
-        y, group = self.meta.y[rows], self.meta.group[rows]
+        y, group = self.labels[rows], self.meta.group[rows]
         running = teacher is not None and not isinstance(teacher, TeacherRecord)
         preds, seconds = self._predict([predict, teacher] if running else [predict], split)  # type: ignore[list-item]
         counts = self.train_group_counts
-        result = accuracy_summary(preds[0], y, group, self.group_names, counts)
+        result = accuracy_summary(preds[0], y, group, self.group_names, counts, self.class_names())
         timing = {"infer_seconds_per_case": (time.time() - t0 - sum(seconds[1:])) / len(rows)}
         teacher_preds = None
         if isinstance(teacher, TeacherRecord):  # the teacher run's own evaluation on this data and these settings
@@ -159,7 +169,7 @@ class WaterbirdsPipeline(Pipeline):
             timing["teacher_infer_seconds_per_case"] = teacher.seconds_per_case(split)
         elif teacher is not None:
             teacher_preds = preds[1]
-            result["teacher"] = accuracy_summary(teacher_preds, y, group, self.group_names, counts)
+            result["teacher"] = accuracy_summary(teacher_preds, y, group, self.group_names, counts, self.class_names())
             timing["teacher_infer_seconds_per_case"] = seconds[1] / len(rows)
         if teacher_preds is not None:
             result["teacher_agreement"] = float((preds[0] == teacher_preds).mean())
@@ -182,7 +192,7 @@ class WaterbirdsPipeline(Pipeline):
     def _write_predictions(self, out_dir: Path, split: str, pred: np.ndarray, teacher: np.ndarray | None) -> None:
         """(Re)write the rows of ``split`` in ``out_dir/predictions.csv`` (predictions in split order)."""
         rows = self.meta.where(split)
-        table = {"img_id": self.meta.img_id[rows], "y": self.meta.y[rows], "place": self.meta.place[rows],
+        table = {"img_id": self.meta.img_id[rows], "y": self.labels[rows], "place": self.meta.place[rows],
                  "group": np.asarray(self.group_names)[self.meta.group[rows]], "prediction": pred}
         if teacher is not None:
             table["teacher_prediction"] = teacher
@@ -195,8 +205,8 @@ class WaterbirdsPipeline(Pipeline):
         of ``out_dir/predictions.csv`` as :meth:`evaluate` does."""
         rows = self.meta.where(split)
         preds = report.read_predictions(Path(pred), self.meta, split)
-        result = accuracy_summary(preds, self.meta.y[rows], self.meta.group[rows], self.group_names,
-                                  self.train_group_counts)
+        result = accuracy_summary(preds, self.labels[rows], self.meta.group[rows], self.group_names,
+                                  self.train_group_counts, self.class_names())
         self._write_predictions(Path(out_dir), split, preds, None)
         return result
 
@@ -250,7 +260,7 @@ class WaterbirdsPipeline(Pipeline):
             "crop": f"centre {size} x {size}",
             "intensity": "scale to [0, 1], then normalise with ImageNet mean and std",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "classes": list(metadata.CLASS_NAMES),
+            "classes": _class_names(cls.with_defaults(cfg)),
         }
 
     # --- synthetic data ---------------------------------------------------------------------------------------
@@ -263,3 +273,16 @@ class WaterbirdsPipeline(Pipeline):
         if unknown:
             raise UserError(f"unknown Waterbirds synthesis option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
         synthetic.synthesize(Path(out), seed, **options)
+
+
+def _label(cfg: dict[str, Any]) -> str:
+    label = cfg.get("data", {}).get("label", "y")
+    if label not in ("y", "shape"):
+        raise UserError(f"data.label: '{label}' is not a Waterbirds target; valid: y (the bird), shape (the "
+                        f"pretraining corpus's {metadata.N_SHAPES} object classes)")
+    return str(label)
+
+
+def _class_names(cfg: dict[str, Any]) -> list[str]:
+    """The classes the model predicts under ``cfg``'s ``data.label``."""
+    return list(metadata.CLASS_NAMES) if _label(cfg) == "y" else list(synthetic.SHAPE_NAMES)

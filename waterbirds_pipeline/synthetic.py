@@ -63,7 +63,7 @@ from PIL import Image, ImageDraw
 from groupdistil.errors import UserError
 from groupdistil.io import atomic_write_bytes, atomic_write_text
 
-from .metadata import COLUMNS, GROUP_NAMES, METADATA, PLACE_NAMES, SPLITS
+from .metadata import COLUMNS, GROUP_NAMES, METADATA, N_SHAPES, PLACE_NAMES, SPLITS
 
 REAL_TRAIN = (3498, 184, 56, 1057)  # per group, index 2 * y + place
 REAL_VAL = (467, 466, 133, 133)
@@ -266,6 +266,7 @@ SHAPES: dict[str, np.ndarray] = {  # class name -> polygon around the origin, ab
     "TShape": _outline((-1, 1), (1, 1), (1, .45), (.28, .45), (.28, -1), (-.28, -1), (-.28, .45), (-1, .45)),
 }
 SHAPE_NAMES = tuple(SHAPES)
+assert len(SHAPE_NAMES) == N_SHAPES
 SHAPE_FILL = (0.4, 0.8)  # the shape's bounding box, as a fraction of the image (its tighter side)
 STYLES = (("foliage", "checkerboard", "colour_noise"), ("waves", "stripes", "gradient"))  # by place
 

@@ -3,10 +3,12 @@ the Waterbirds layout, balanced over groups, its label independent of the backgr
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from groupdistil.cli import main
 from groupdistil.errors import UserError
@@ -54,6 +56,31 @@ def test_the_waterbirds_pipeline_trains_on_it(corpus: Path, tmp_path: Path) -> N
                  "--set", "model.arch=resnet18", "--set", "data.image_size=32", "--set", "train.batch_size=16",
                  "--max-steps", "2"]) == 0
     assert (out / "checkpoints" / "best.pt").is_file()
+
+
+def test_shape_label_trains_a_14_class_head(corpus: Path, tmp_path: Path, synth_root: Path) -> None:
+    """``data.label: shape``: the corpus's 14 object classes as the target (groups stay (y, place)); a downstream
+    run from it loads the backbone and keeps its own 2-class head. Without the column: one clear error."""
+    pipeline = WaterbirdsPipeline({"data": {"image_size": 32, "label": "shape"}}, corpus)
+    meta = metadata.read_metadata(corpus)
+    assert pipeline.heads == {"cls": 14} and pipeline.class_names() == list(SHAPE_NAMES)
+    train = meta.where("train")
+    assert pipeline.train_dataset().y.tolist() == meta.shape[train].tolist() != meta.y[train].tolist()
+    out = tmp_path / "shapes"
+    tiny = ["--set", "model.arch=resnet18", "--set", "data.image_size=32", "--set", "train.batch_size=16",
+            "--max-steps", "2"]
+    assert main(["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(corpus), "--out", str(out),
+                 "--set", "data.label=shape", *tiny]) == 0
+    best = torch.load(out / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert tuple(best["backbone.fc.weight"].shape) == (14, 512)
+    assert set(json.loads((out / "metrics.json").read_text())["test"]["class_metric"]) <= set(SHAPE_NAMES)
+    down = tmp_path / "down"
+    assert main(["run", str(ROOT / "configs/waterbirds_teacher.yaml"), "--data-root", str(synth_root), "--out",
+                 str(down), "--set", f"model.init_from={out}", *tiny]) == 0
+    with pytest.raises(UserError, match=r"metadata.csv: data.label: shape needs the column 'shape'"):
+        WaterbirdsPipeline({"data": {"label": "shape"}}, synth_root)
+    with pytest.raises(UserError, match="data.label: 'bird' is not a Waterbirds target; valid: y"):
+        WaterbirdsPipeline({"data": {"label": "bird"}}, corpus)
 
 
 def test_deterministic_and_bad_corpus(tmp_path: Path) -> None:
