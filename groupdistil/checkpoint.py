@@ -17,6 +17,7 @@ import pickle
 import random
 import warnings
 import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +199,8 @@ def _wrappers(source: dict[str, torch.Tensor]) -> list[str]:
     """Name prefixes the file's tensors may sit under in the model that wrote it: ``""`` and the first name component
     shared by at least half of them (``backbone.`` of a Waterbirds run, ``encoder.`` of an smp model), so that
     another project's model or another pipeline's run (a Waterbirds ResNet-18 for an M&Ms ResNet-18 encoder) fits."""
-    heads = [k.split(".", 1)[0] + "." for k in source if "." in k]
-    common = max(set(heads), key=heads.count) if heads else None
-    return [""] + ([common] if common and heads.count(common) * 2 >= len(source) else [])
+    heads = Counter(k.split(".", 1)[0] + "." for k in source if "." in k).most_common(1)
+    return [""] + [common for common, n in heads if n * 2 >= len(source)]
 
 
 def _drop(source: dict[str, torch.Tensor], wrapper: str) -> dict[str, torch.Tensor]:

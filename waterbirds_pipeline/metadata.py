@@ -55,10 +55,8 @@ def fingerprint(root: Path, meta: Metadata | None = None) -> str:
     digest = hashlib.sha256(file_digest(root / METADATA).encode())
     # Plain strings, not pathlib, in the loop (pathlib's sorting and relative_to cost more than the hashing of the
     # small images); the order (by path components, as Path sorts) and the hashed text are unchanged.
-    prefix = os.path.join(root, "")
-    rel = {str(path)[len(prefix):].replace(os.sep, "/") if str(path).startswith(prefix)
-           else path.relative_to(root).as_posix()
-           for path in meta.path}
+    prefix = os.path.join(root, "")  # every meta.path is root / its img_filename
+    rel = {str(path)[len(prefix):].replace(os.sep, "/") for path in meta.path}
     for parts in sorted(r.split("/") for r in rel):
         name = "/".join(parts)
         with open(prefix + name, "rb") as fh:  # one read: the images are small
