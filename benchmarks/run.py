@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, help="keep and reuse the synthetic data sets here (default: a temp dir)")
     p.add_argument("--configs", type=Path, default=REPO / "configs", help="folder of the run configs")
     p.add_argument("--debug", action="store_true", help="show the engine's log lines and raise on the first error")
+    p.add_argument("--only", nargs="+", metavar="SUITE", choices=[s for s in SUITE_KEYS if s != "quickstart"],
+                   help="run only these suites (the others' rows are null); e.g. --only latency_mms trainer")
     return p.parse_args(argv)
 
 
@@ -167,15 +169,21 @@ def json_line(mode: str, machine: dict[str, Any], state: dict[str, Any], rows: l
 class Runner:
     """Runs suites one by one: progress on stderr, the engine's output hidden, a failure turns into null rows."""
 
-    def __init__(self, debug: bool) -> None:
-        self.debug, self.t0 = debug, time.perf_counter()
+    def __init__(self, debug: bool, only: list[str] | None = None) -> None:
+        self.debug, self.only, self.t0 = debug, set(only or SUITE_KEYS), time.perf_counter()
         self.rows: dict[str, list[Result]] = {}
+
+    def wanted(self, suites: list[str]) -> bool:
+        return any(s in self.only for s in suites)
 
     def skip(self, suite: str, why: str) -> None:
         self.rows[suite] = [Result(k, None, note=why) for k in SUITE_KEYS[suite]]
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {suite}: skipped ({why})", file=sys.stderr, flush=True)
 
     def run(self, suite: str, fn: Callable[[], Any]) -> Any:
+        if suite in SUITE_KEYS and suite not in self.only:
+            self.rows[suite] = [Result(k, None, note="not run (--only)") for k in SUITE_KEYS[suite]]
+            return None
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {suite} ...", file=sys.stderr, flush=True)
         hidden = io.StringIO()
         try:
@@ -209,6 +217,10 @@ def setup_bench(runner: Runner, name: str, mode: str, configs: Path, data: Path,
     cls, why = load_pipeline(name)
     student, teacher = configs / f"{name}.yaml", configs / f"{name}_teacher.yaml"
     missing = [str(p) for p in (student, teacher) if not p.is_file()]
+    if not runner.wanted(suites):
+        for s in suites:
+            runner.rows[s] = [Result(k, None, note="not run (--only)") for k in SUITE_KEYS[s]]
+        return None
     if cls is None or missing:
         for s in suites:
             runner.skip(s, why or f"missing {', '.join(missing)}")
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)  # as the Trainer sets it on CPU, for every side alike
     sizes = SIZES[mode]
     load_start, busy_start = load_average(), busy_cores()
-    runner = Runner(args.debug)
+    runner = Runner(args.debug, args.only)
     with tempfile.TemporaryDirectory(prefix="groupdistil_bench_") as tmp:
         work = Path(tmp)
         data = args.data_dir.resolve() if args.data_dir else work / "data"

@@ -59,10 +59,22 @@ def fingerprint(root: Path, meta: Metadata | None = None) -> str:
     rel = {str(path)[len(prefix):].replace(os.sep, "/") for path in meta.path}
     for parts in sorted(r.split("/") for r in rel):
         name = "/".join(parts)
-        with open(prefix + name, "rb") as fh:  # one read: the images are small
-            content = fh.read()
+        content = _read_file(prefix + name)
         digest.update(f"{name}:{len(content)}:{hashlib.sha256(content).hexdigest()}\n".encode())
     return digest.hexdigest()[:12]
+
+
+def _read_file(path: str, chunk: int = 1 << 20) -> bytes:
+    """The whole file, with ``os.open`` / ``os.read``: without a Python file object per file, hashing the thousands of
+    few-KB images of a data set takes a third less time (``benchmarks/README.md``)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        parts = [os.read(fd, chunk)]
+        while len(parts[-1]) == chunk and (more := os.read(fd, chunk)):  # larger than one chunk: read on
+            parts.append(more)
+    finally:
+        os.close(fd)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 @dataclass(frozen=True)
