@@ -61,10 +61,10 @@ TARGETS: dict[str, tuple[str, float]] = {
 #: (repeats at least, warm-up steps, timed steps, loader batches, epoch warm-up steps, batch-1 forwards, preloaded
 #: batches, repeats at most and seconds per suite while a ratio's median is not known to 1% yet)
 SIZES = {
-    "quick": Sizes(repeats=5, warmup=2, steps=3, loader_batches=3, epochs_warmup_steps=1, latency_calls=3, preload=2,
-                   max_repeats=31, budget_s=10.0, details=False),
-    "full": Sizes(repeats=7, warmup=3, steps=8, loader_batches=10, epochs_warmup_steps=2, latency_calls=10, preload=4,
-                  max_repeats=41, budget_s=60.0),
+    "quick": Sizes(repeats=11, warmup=2, steps=3, loader_batches=3, epochs_warmup_steps=1, latency_calls=3, preload=2,
+                   max_repeats=81, budget_s=25.0, details=False),
+    "full": Sizes(repeats=11, warmup=3, steps=8, loader_batches=10, epochs_warmup_steps=2, latency_calls=10, preload=4,
+                  max_repeats=81, budget_s=60.0),
 }
 #: config overrides (quick: smaller inputs and batches; full: the configs as they are)
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
@@ -99,7 +99,7 @@ SUITE_KEYS = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes (about two minutes on a quiet machine)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (about three minutes on a quiet machine)")
     p.add_argument("--with-quickstart", action="store_true",
                    help="also time the README quickstart (groupdistil compare ...; takes minutes)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")

@@ -54,3 +54,20 @@ def test_quartiles_and_the_median_standard_error() -> None:
     assert timing.quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
     assert timing.quartiles([7.0]) == (7.0, 7.0, 7.0)
     assert timing.median_rel_se([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(0.93 * 2.0 / 5 ** 0.5 / 3.0)
+
+
+def test_only_runs_the_named_suites_and_leaves_the_others_null() -> None:
+    """``benchmarks/run.py --only``: unselected suites are not called and their rows are null with the reason; an
+    unknown suite name is refused by the argument parser."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    runner = run.Runner(debug=True, only=["trainer"])
+    called: list[str] = []
+    runner.run("step_mms", lambda: called.append("step_mms"))
+    assert not called and [r.value for r in runner.rows["step_mms"]] == [None, None]
+    assert runner.rows["step_mms"][0].note == "not run (--only)"
+    runner.run("trainer", lambda: called.append("trainer") or [])
+    assert called == ["trainer"] and runner.wanted(["trainer", "epoch"]) and not runner.wanted(["epoch"])
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "no_such_suite"])
