@@ -336,7 +336,9 @@ def plot_worst_vs_average(png: Path, variants: dict[tuple[str, str, str], list[R
     ax.set_xlabel("average metric (test)")
     ax.set_ylabel("worst-group metric (test)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7)
+    # beside the axes, not over them: the variants often crowd into one corner (e.g. every KD variant at 0 worst group)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    fig.set_figwidth(fig.get_figwidth() + 2.2)
     save_figure(fig, png)
 
 
