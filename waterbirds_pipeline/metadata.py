@@ -69,8 +69,8 @@ def _read_file(path: str, chunk: int = 1 << 20) -> bytes:
     few-KB images of a data set takes a third less time (``benchmarks/README.md``)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
-        parts = [os.read(fd, chunk)]
-        while len(parts[-1]) == chunk and (more := os.read(fd, chunk)):  # larger than one chunk: read on
+        parts = []
+        while more := os.read(fd, chunk):  # until end of file (a read may return less than asked before it)
             parts.append(more)
     finally:
         os.close(fd)
