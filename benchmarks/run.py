@@ -176,13 +176,15 @@ class Runner:
     def wanted(self, suites: list[str]) -> bool:
         return any(s in self.only for s in suites)
 
-    def skip(self, suite: str, why: str) -> None:
+    def skip(self, suite: str, why: str, quiet: bool = False) -> None:
         self.rows[suite] = [Result(k, None, note=why) for k in SUITE_KEYS[suite]]
+        if quiet:
+            return
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {suite}: skipped ({why})", file=sys.stderr, flush=True)
 
     def run(self, suite: str, fn: Callable[[], Any]) -> Any:
         if suite in SUITE_KEYS and suite not in self.only:
-            self.rows[suite] = [Result(k, None, note="not run (--only)") for k in SUITE_KEYS[suite]]
+            self.skip(suite, "not run (--only)", quiet=True)
             return None
         print(f"[{time.perf_counter() - self.t0:6.1f}s] {suite} ...", file=sys.stderr, flush=True)
         hidden = io.StringIO()
@@ -219,7 +221,7 @@ def setup_bench(runner: Runner, name: str, mode: str, configs: Path, data: Path,
     missing = [str(p) for p in (student, teacher) if not p.is_file()]
     if not runner.wanted(suites):
         for s in suites:
-            runner.rows[s] = [Result(k, None, note="not run (--only)") for k in SUITE_KEYS[s]]
+            runner.skip(s, "not run (--only)", quiet=True)
         return None
     if cls is None or missing:
         for s in suites:

@@ -187,8 +187,8 @@ def test_fingerprint_is_the_documented_hash(synth_root: Path) -> None:
 
 @pytest.mark.parametrize("size", [0, 1, 4, 5, 8, 9, 4096])
 def test_the_fingerprint_reads_every_byte_of_files_of_any_size(tmp_path: Path, size: int) -> None:
-    """``_read_file`` (one ``os.read`` for a small image) returns the whole file also when it spans several chunks,
-    ends exactly on a chunk boundary, or is empty (chunk 4 here, 1 MiB in use)."""
+    """``_read_file`` (``os.read`` until end of file) returns the whole file also when it spans several chunks, ends
+    exactly on a chunk boundary, or is empty (chunk 4 here, 1 MiB in use)."""
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "f.bin").write_bytes(data)
     assert metadata._read_file(str(tmp_path / "f.bin"), chunk=4) == data
