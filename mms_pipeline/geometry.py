@@ -4,6 +4,12 @@ Predictions come back from the working space of :func:`mms_pipeline.transforms.p
 and ``ResizeWithPadOrCropd``) through MONAI ``Invertd`` (:attr:`mms_pipeline.pipeline.MMSPipeline.inverter`); the
 prediction passed to ``Invertd`` must be a MetaTensor, or ``Invertd`` skips it with a warning. MONAI recomputes the
 native affine in float64 (off by ~1e-15), so :func:`save_prediction` writes the input file's own geometry instead.
+
+:func:`invert_inplane` is the fast path of that inversion for the pipeline's own preprocessing: the resampling is
+in-plane only (slice spacing kept), so it runs MONAI's ``AffineTransform`` in 2-D with the slices as the batch
+(bilinear ``grid_sample`` in 2-D, vectorised on the CPU) instead of ``Invertd``'s 3-D one (trilinear, about 4 ms of
+the ~9 ms inversion of a 112 x 112 x 7 volume; the whole inversion now ~1.5 ms). It reads the same MONAI trace
+(``image.applied_operations``) and gives the same labels; anything else falls back to ``Invertd``.
 """
 from __future__ import annotations
 
@@ -11,6 +17,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.networks.layers import AffineTransform
 
 from groupdistil.io import atomic_path
 
@@ -18,6 +28,64 @@ from groupdistil.io import atomic_path
 XFORM_SCANNER = 1
 #: largest difference (mm) between ``affine`` and the header's affine for the header's geometry to be kept
 SAME_AFFINE_ATOL = 1e-6
+#: largest coupling of the resampled slice position with the in-plane position (voxels) for the fast inversion
+INPLANE_ATOL = 1e-6
+
+
+def invert_inplane(probs: torch.Tensor, image: MetaTensor) -> torch.Tensor | None:
+    """``probs (C, H, W, Z)`` in the working grid of ``image`` (the output of :func:`mms_pipeline.transforms.preprocess`)
+    mapped back to the native grid ``(C, X, Y, Z)`` as ``Invertd`` maps them: undo the centre pad/crop (slice / zero
+    pad), then resample from the post-``Spacingd`` grid to the native affine, trilinear with the recorded padding
+    mode and ``align_corners``.
+
+    ``Spacingd`` with a kept slice spacing moves each native slice to one fixed slice position ``z'`` of the working
+    grid (a sheared or oblique affine adds an in-plane offset per slice and may put ``z'`` between two slices), so the
+    trilinear resampling splits exactly into a blend of the two nearest working slices with weights fixed per slice,
+    then a bilinear 2-D warp per slice: one ``AffineTransform`` with the slices as the batch. ``None`` (use
+    ``Invertd``) when the trace is not ``SpatialResample`` then ``ResizeWithPadOrCrop`` (centre crop, then pad),
+    the mode is not bilinear, or ``z'`` depends on the in-plane position."""
+    ops = image.applied_operations
+    if probs.ndim != 4 or [op.get("class") for op in ops] != ["SpatialResample", "ResizeWithPadOrCrop"]:
+        return None
+    resample, resize = ops
+    info = resample["extra_info"]
+    crop, pad = resize["extra_info"].get("crop_info", {}), resize["extra_info"].get("pad_info", {})
+    if (crop.get("class") != "CenterSpatialCrop" or pad.get("class") != "SpatialPad" or info.get("mode") != "bilinear"
+            or info.get("padding_mode") not in ("border", "zeros")):
+        return None
+    padded = [tuple(int(v) for v in p) for p in pad["extra_info"]["padded"][1:]]  # (before, after) per spatial axis
+    cropped = [int(v) for v in crop["extra_info"]["cropped"]]  # (before, after) per spatial axis, flattened
+    x = probs[(slice(None), *(slice(lo, n - hi) for (lo, hi), n in zip(padded, probs.shape[1:])))]
+    x = F.pad(x, [v for axis in reversed(range(3)) for v in cropped[2 * axis: 2 * axis + 2]])
+    if tuple(x.shape[1:]) != tuple(resize["orig_size"]):
+        return None
+    shift = torch.eye(4, dtype=torch.float64)  # the post-Spacingd grid's voxel origin in the working grid
+    shift[:3, 3] = torch.tensor([lo - cropped[2 * i] for i, (lo, _) in enumerate(padded)], dtype=torch.float64)
+    mid_affine = torch.as_tensor(image.affine, dtype=torch.float64) @ shift
+    xform = torch.linalg.solve(mid_affine, torch.as_tensor(info["src_affine"], dtype=torch.float64))  # native -> mid
+    if float(xform[2, :2].abs().max()) > INPLANE_ATOL:
+        return None
+    native = tuple(int(v) for v in resample["orig_size"])
+    depth = x.shape[3]
+    k = torch.arange(native[2], dtype=torch.float64)
+    z = xform[2, 2] * k + xform[2, 3]  # each native slice's position in the working grid
+    if info["padding_mode"] == "border":
+        z = z.clamp(0, depth - 1)
+    z0 = z.floor()
+    w1 = (z - z0).float()
+    lo, hi = z0.long(), z0.long() + 1
+    inside = lambda i: ((i >= 0) & (i < depth)).float()  # noqa: E731 - zero padding outside the slices
+    slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y)
+    blend = (slices[lo.clamp(0, depth - 1)] * ((1 - w1) * inside(lo))[:, None, None, None]
+             + slices[hi.clamp(0, depth - 1)] * (w1 * inside(hi))[:, None, None, None])
+    theta = torch.eye(3, dtype=torch.float64).repeat(native[2], 1, 1)  # per slice: (i, j, 1) -> (i', j', 1)
+    theta[:, :2, :2] = xform[:2, :2]
+    theta[:, :2, 2] = xform[:2, 3] + xform[:2, 2] * k[:, None]
+    align = info.get("align_corners")
+    warp = AffineTransform(normalized=False, mode="bilinear", padding_mode=info["padding_mode"],
+                           align_corners=align if isinstance(align, bool) else False, reverse_indexing=True)
+    out = warp(blend.float(), theta=theta.float(), spatial_size=native[:2])  # (Z, C, X, Y)
+    return out.permute(1, 2, 3, 0)
 
 
 def save_prediction(path: str | Path, mask: np.ndarray, affine: np.ndarray,

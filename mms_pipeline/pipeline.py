@@ -40,7 +40,7 @@ from groupdistil.teacher import TeacherRecord
 from groupdistil.stats import group_mean
 
 from . import data, report, results, scoring, soft_targets
-from .geometry import save_prediction
+from .geometry import invert_inplane, save_prediction
 from .metrics import STRUCTURES, mean_dice, write_per_case_csv
 from .metrics import summarise as summarise_rows
 from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
@@ -411,8 +411,10 @@ class MMSPipeline(Pipeline):
         out = self.inferer(image.as_tensor()[None], _spatial_outputs(predict))
         seconds = time.perf_counter() - start
         probs = torch.softmax(out["seg"][0].float().cpu(), dim=0)  # (C, H, W, Z)
-        native = self.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
-        labels = channel_argmax(native.as_tensor()).numpy().astype(np.uint8)
+        native = invert_inplane(probs, image)  # Invertd's result, resampled in 2-D (mms_pipeline.geometry)
+        if native is None:
+            native = self.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"].as_tensor()
+        labels = channel_argmax(native).numpy().astype(np.uint8)
         cls = None
         if "cls" in out:
             per_slice = torch.softmax(out["cls"][0, :, 0, 0, :].float().cpu(), dim=0).T  # (Z, K)

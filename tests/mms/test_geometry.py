@@ -1,5 +1,5 @@
 """Native geometry: a native mask through the pipeline's preprocessing and back (its Invertd), saved as NIfTI, keeps its
-shape and its non-orthonormal affine exactly."""
+shape and its non-orthonormal affine exactly; the fast in-plane inversion reproduces Invertd."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.transforms import LoadImage
 
-from mms_pipeline.geometry import XFORM_SCANNER, save_prediction
+from mms_pipeline.geometry import XFORM_SCANNER, invert_inplane, save_prediction
 from mms_pipeline.pipeline import MMSPipeline
 
 # sheared, non-orthonormal direction cosines (as in the M&Ms validation/test files), float32-exact as read from a file
@@ -101,3 +102,47 @@ def test_pipeline_preprocess_invert_save_round_trip(tmp_path: Path) -> None:
 def test_save_prediction_rejects_bad_masks(tmp_path: Path, mask: np.ndarray, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         save_prediction(tmp_path / "p.nii.gz", mask, SHEARED)
+
+
+def _work_volume(tmp_path: Path, spacing: list[float], roi: list[int]) -> tuple[MMSPipeline, MetaTensor]:
+    """One frame of a sheared native volume (75 x 44 x 5) through the pipeline's preprocessing."""
+    shape = (75, 44, 5)
+    image = (np.random.default_rng(1).random((*shape, 2)) * 500).astype(np.float32)
+    _write_4d(tmp_path / "sa.nii.gz", image, SHEARED)
+    pipe = MMSPipeline({"data": {"roi": roi, "spacing": spacing}, "model": {}, "eval": {}}, tmp_path)
+    load = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)
+    return pipe, pipe.preprocessor({"image": load(tmp_path / "sa.nii.gz"), "frame": 0})["image"]
+
+
+@pytest.mark.parametrize(("spacing", "roi"), [([1.25, 1.25], [64, 64]),  # x cropped, y padded
+                                              ([0.9, 1.6], [32, 96]),  # anisotropic: x cropped, y padded more
+                                              ([2.0, 2.0], [96, 96])])  # padded only
+def test_fast_inplane_inversion_equals_invertd(tmp_path: Path, spacing: list[float], roi: list[int]) -> None:
+    """``invert_inplane`` (2-D warps of slice blends, as ``predict_volume`` inverts) gives ``Invertd``'s probabilities
+    to float32 rounding, hence its labels, on a sheared affine whose slices land between working slices."""
+    pipe, work = _work_volume(tmp_path, spacing, roi)
+    torch.manual_seed(0)
+    probs = torch.softmax(2 * torch.randn(4, *work.shape[1:]), 0)
+    want = pipe.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"].as_tensor().float()
+    got = invert_inplane(probs, work)
+    assert got is not None and got.shape == want.shape == (4, 75, 44, 5)
+    assert torch.allclose(got, want, rtol=0, atol=1e-4)
+    assert float((got.argmax(0) != want.argmax(0)).float().mean()) < 1e-3  # only exact near-ties may flip
+
+
+def test_fast_inversion_declines_what_it_does_not_reproduce(tmp_path: Path) -> None:
+    """Another trace, another interpolation mode or a slice position that varies in-plane: ``None`` (Invertd runs)."""
+    from copy import deepcopy
+
+    _, work = _work_volume(tmp_path, [1.25, 1.25], [64, 64])
+    probs = torch.full((4, *work.shape[1:]), 0.25)
+    assert invert_inplane(probs, work) is not None
+    no_crop = MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=work.applied_operations[:1])
+    assert invert_inplane(probs, no_crop) is None
+    nearest = deepcopy(work.applied_operations)
+    nearest[0]["extra_info"]["mode"] = "nearest"
+    assert invert_inplane(probs, MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=nearest)) is None
+    tilted = deepcopy(work.applied_operations)
+    tilted[0]["extra_info"]["src_affine"] = tilted[0]["extra_info"]["src_affine"].clone()
+    tilted[0]["extra_info"]["src_affine"][2, 0] += 0.5  # the native slice is tilted against the working slices
+    assert invert_inplane(probs, MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=tilted)) is None

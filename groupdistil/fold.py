@@ -1,0 +1,116 @@
+"""Inference-time folding of BatchNorm into the convolution that feeds it (CPU predictors, issue 17).
+
+In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` is one convolution with scaled weights and
+a shifted bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``). On the CPU the small M&Ms student spends about a fifth of
+its forward pass in BatchNorm kernels over full-resolution, few-channel maps; folded, they cost nothing.
+
+Which BatchNorm follows which convolution is read from the data flow of one forward pass (the BatchNorm's input *is*
+the convolution's output tensor), not from module names or registration order; a pair is folded only when both
+modules run exactly once in that pass. The folded copy is then checked against the original on the same input and
+used only if every output agrees to float32 rounding: any structure this cannot see (a convolution's output also
+used elsewhere, a BatchNorm subclass that does more than normalise) falls back to the unfolded model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+#: outputs of the folded model must match the original's within this, relative to each output's largest magnitude
+FOLD_RTOL = 1e-4
+
+
+def _after_norm(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What stays of ``bn`` once its normalisation is folded away: nothing for a plain ``BatchNorm2d``, the dropout
+    and activation of timm's ``BatchNormAct2d``; ``None`` for any other subclass (not folded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and isinstance(getattr(bn, "act", None), nn.Module):
+        return nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
+    return None
+
+
+def conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
+    """``(conv name, batchnorm name)`` of every eval-mode BatchNorm2d fed directly by a Conv2d in one forward pass of
+    ``model`` on ``example``, both called once."""
+    names = {m: n for n, m in model.named_modules()}
+    calls: dict[str, int] = {}
+    produced: dict[int, tuple[Tensor, str]] = {}  # id(conv output) -> (the tensor, conv name)
+    fed: list[tuple[str, str]] = []
+
+    def conv_hook(module: nn.Module, args: Any, out: Any) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        if isinstance(out, Tensor):
+            produced[id(out)] = (out, names[module])
+
+    def bn_hook(module: nn.Module, args: Any) -> None:
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        x = args[0] if args else None
+        hit = produced.get(id(x))
+        if hit is not None and hit[0] is x:
+            fed.append((hit[1], names[module]))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_hook))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(c, b) for c, b in fed if calls[c] == 1 and calls[b] == 1]
+
+
+def _outputs(out: Any) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [v for v in out.values() if isinstance(v, Tensor)]
+    if isinstance(out, (list, tuple)):
+        return [v for v in out if isinstance(v, Tensor)]
+    return []
+
+
+def _agree(a: Any, b: Any) -> bool:
+    xs, ys = _outputs(a), _outputs(b)
+    if not xs or len(xs) != len(ys):
+        return False
+    for x, y in zip(xs, ys):
+        if x.shape != y.shape:
+            return False
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        if not torch.allclose(x.float(), y.float(), rtol=0.0, atol=FOLD_RTOL * max(scale, 1e-6)):
+            return False
+    return True
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
+    """An eval-mode copy of ``model`` with each BatchNorm2d folded into the Conv2d that feeds it, and the number of
+    pairs folded; ``(model, 0)`` itself when there is nothing to fold or the folded copy's outputs on ``example``
+    do not agree with ``model``'s (see the module docstring). ``model`` must be in eval mode."""
+    if model.training:
+        raise ValueError("fold_batchnorm needs a model in eval mode (BatchNorm uses its running statistics)")
+    pairs = conv_bn_pairs(model, example)
+    folded = copy.deepcopy(model)
+    done = 0
+    for conv_name, bn_name in pairs:
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        rest = _after_norm(bn)
+        if rest is None or bn.running_mean is None or bn.running_var is None or bn.training or conv.training:
+            continue
+        folded.set_submodule(conv_name, fuse_conv_bn_eval(conv, bn))
+        folded.set_submodule(bn_name, rest)
+        done += 1
+    if not done:
+        return model, 0
+    with torch.inference_mode():
+        if not _agree(folded(example), model(example)):
+            return model, 0
+    return folded, done
