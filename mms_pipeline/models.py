@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import safetensors.torch
 import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.base.heads import SegmentationHead
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
@@ -38,6 +39,8 @@ from groupdistil.runtime import count_params
 CLS_HEADS = ("indices", "encoder", "morphology")
 #: the heads that are part of the network (trained with a classification loss)
 NETWORK_CLS_HEADS = ("encoder", "morphology")
+#: ``model.seg_stride``: the resolution of the segmentation head relative to the input (2: half, upsampled)
+SEG_STRIDES = (1, 2)
 
 
 class MorphologyHead(nn.Module):
@@ -159,11 +162,26 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
 
 
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
-               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder") -> SegClsNet:
+               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder",
+               seg_stride: int = 1) -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
     ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
     ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
-    downloaded: when they are not cached, a UserError says what to do."""
+    downloaded: when they are not cached, a UserError says what to do.
+
+    ``seg_stride`` 2: the decoder stops at half resolution (``decoder_channels`` lists 4 stages, not 5) and the
+    segmentation head's logits are upsampled bilinearly to the input size (smp's ``SegmentationHead(upsampling=2)``):
+    the full-resolution stage, whose few-channel convolutions cost as much in a small student as in its teacher,
+    is gone (see the module docstring)."""
+    if seg_stride not in SEG_STRIDES:
+        raise UserError(f"model.seg_stride: {seg_stride!r} is not one of {', '.join(map(str, SEG_STRIDES))}")
+    stages = 5 - (seg_stride == 2)
+    if len(decoder_channels) != stages:
+        raise UserError(f"model.decoder_channels: {list(decoder_channels)} has {len(decoder_channels)} stages; "
+                        f"model.seg_stride {seg_stride} needs {stages} (one per decoder stage down to "
+                        f"{'half' if seg_stride == 2 else 'full'} resolution)")
+    if seg_stride == 2:  # smp builds 5 stages; the last (full-resolution) one is replaced below
+        decoder_channels = [*decoder_channels, decoder_channels[-1]]
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
@@ -185,7 +203,19 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
+    if seg_stride == 2:
+        net.decoder.blocks[-1] = _KeepResolution()
+        net.segmentation_head = SegmentationHead(int(decoder_channels[-2]), int(heads["seg"]), kernel_size=3,
+                                                 upsampling=2)
     return SegClsNet(net, classify=aux is not None, morphology=morphology)
+
+
+class _KeepResolution(nn.Module):
+    """Stands in for the U-Net decoder's last (full-resolution) stage with ``model.seg_stride`` 2: passes the
+    half-resolution features through (it takes the stage's arguments: size and skip connection)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return x
 
 
 @torch.inference_mode()
