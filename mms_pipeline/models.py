@@ -218,30 +218,47 @@ class _KeepResolution(nn.Module):
         return x
 
 
-@torch.inference_mode()
-def seconds_per_volume(model: nn.Module, slices: int = 8, size: int = 96, repeats: int = 5) -> float:
-    """Median CPU time of a forward pass over one ``(slices, 1, size, size)`` volume."""
-    model.eval()
-    x = torch.randn(slices, 1, size, size)
-    model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2]
+def _benchmark(threads: int = 1) -> None:
+    """Parameters, inference per volume (as evaluation runs it: :meth:`groupdistil.runtime.Runtime.predictor`) and
+    one training step (batch 16, AdamW, cross-entropy) of the models of ``configs/mms_teacher.yaml`` and
+    ``configs/mms.yaml``, interleaved, at ``threads`` threads."""
+    import yaml
 
+    from groupdistil.runtime import Runtime
 
-def _benchmark(pairs: Mapping[str, Mapping[str, Any]]) -> None:
-    torch.set_num_threads(1)
-    for role, cfg in pairs.items():
-        model = build_unet(cfg["encoder"], cfg["decoder_channels"], {"seg": 4, "cls": 4})
-        print(f"{role:8s} {cfg['encoder']:36s} {count_params(model) / 1e6:6.2f} M params "
-              f"{seconds_per_volume(model) * 1000:7.0f} ms / volume")
+    torch.set_num_threads(threads)
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    models = {}
+    for role, name in (("teacher", "mms_teacher.yaml"), ("student", "mms.yaml")):
+        m = {"seg_stride": 1, **yaml.safe_load((configs / name).read_text())["model"]}
+        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4}, seg_stride=m["seg_stride"]))
+    x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
+    target = torch.randint(0, 4, (16, 96, 96))
+    infer: dict[str, list[float]] = {role: [] for role in models}
+    train: dict[str, list[float]] = {role: [] for role in models}
+    opts = {role: torch.optim.AdamW(net.parameters()) for role, (_, net) in models.items()}
+    for repeat in range(8):
+        for role, (_, net) in models.items():
+            predict = Runtime().predictor(net)
+            predict(x)  # the first call folds BatchNorm
+            start = time.perf_counter()
+            predict(x)
+            infer[role].append(time.perf_counter() - start)
+            net.train()
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(net(batch)["seg"], target)
+            opts[role].zero_grad()
+            loss.backward()
+            opts[role].step()
+            train[role].append(time.perf_counter() - start)
+    for role, (m, net) in models.items():
+        print(f"{role:8s} {m['encoder']:36s} decoder {list(m['decoder_channels'])} seg_stride {m['seg_stride']}: "
+              f"{count_params(net) / 1e6:5.2f} M params, {sorted(infer[role])[4] * 1e3:6.1f} ms / volume "
+              f"(8 x 96 x 96), "
+              f"{sorted(train[role])[4]:5.2f} s / training step (batch 16)")
 
 
 if __name__ == "__main__":
-    _benchmark({
-        "teacher": {"encoder": "resnet18", "decoder_channels": (128, 64, 32, 16, 16)},  # configs/mms_teacher.yaml
-        "student": {"encoder": "tu-tf_mobilenetv3_small_minimal_100", "decoder_channels": (32, 16, 16, 16, 16)},  # mms
-    })
+    import sys
+
+    _benchmark(int(sys.argv[1]) if len(sys.argv) > 1 else 1)

@@ -298,7 +298,8 @@ def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> 
 
 def test_half_resolution_head_runs_no_decoder_stage_at_full_resolution(mms_root: Path) -> None:
     """``model.seg_stride: 2``: every decoder and head convolution sees at most half the input size, and the logits
-    are the head's half-resolution logits upsampled bilinearly (smp's head, align_corners); bad settings name the key."""
+    are the head's half-resolution logits upsampled bilinearly (smp's head, align_corners); bad settings name the
+    key."""
     import torch.nn.functional as F
 
     net = MMSPipeline.model_for({"model": {"seg_stride": 2, "decoder_channels": [32, 16, 16, 16]}}).eval()
