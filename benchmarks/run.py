@@ -51,7 +51,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "kd_cached_over_erm_epoch": ("<=", 1.10),
     "loader_over_step_throughput": (">=", 1.5),
     "loader_over_step_throughput_waterbirds": (">=", 1.5),
-    "student_over_teacher_latency_mms_volume": ("<=", 0.33),
+    # issue 17: the network at least 4x faster than the teacher's, the whole path (with the inversion) 3x
+    "student_over_teacher_latency_mms_volume": ("<=", 0.25),
+    "student_over_teacher_latency_mms_volume_whole_path": ("<=", 0.33),
     "heldout_refresh_share_of_step": ("<=", 0.05),
     "fingerprint_share_of_data_loading": ("<=", 0.05),
     "fingerprint_share_of_data_loading_waterbirds": ("<=", 0.05),
@@ -64,7 +66,7 @@ SIZES = {
     "quick": Sizes(repeats=11, warmup=2, steps=3, loader_batches=3, epochs_warmup_steps=1, latency_calls=3, preload=2,
                    max_repeats=81, budget_s=25.0, details=False),
     "full": Sizes(repeats=11, warmup=3, steps=8, loader_batches=10, epochs_warmup_steps=2, latency_calls=10, preload=4,
-                  max_repeats=81, budget_s=60.0),
+                  max_repeats=81, budget_s=120.0),
 }
 #: config overrides (quick: smaller inputs and batches; full: the configs as they are)
 OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
@@ -86,7 +88,7 @@ SUITE_KEYS = {
     "step_waterbirds": ["groupdistil_over_kd_step_waterbirds", "loader_over_step_throughput_waterbirds"],
     "trainer": ["trainer_over_plain_loop"],
     "epoch": ["kd_cached_over_erm_epoch", "kd_uncached_over_erm_epoch", "teacher_cache_build_seconds"],
-    "latency_mms": ["student_over_teacher_latency_mms_volume"],
+    "latency_mms": ["student_over_teacher_latency_mms_volume", "student_over_teacher_latency_mms_volume_whole_path"],
     "latency_waterbirds": ["student_over_teacher_latency_waterbirds_image",
                            "student_over_teacher_latency_waterbirds_image_b64"],
     "heldout": ["heldout_refresh_share_of_step"],

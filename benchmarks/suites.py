@@ -361,7 +361,7 @@ def mms_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
                        f"{median(infer['teacher']) * 1e3:.0f} ms"),
         ratio_row("student_over_teacher_latency_mms_volume_whole_path", whole["student"], whole["teacher"],
                   note=f"with inversion + argmax: student {median(whole['student']) * 1e3:.0f} ms, teacher "
-                       f"{median(whole['teacher']) * 1e3:.0f} ms", in_json=False),
+                       f"{median(whole['teacher']) * 1e3:.0f} ms"),
     ]
 
 

@@ -1,21 +1,30 @@
 """2-D U-Nets (segmentation_models_pytorch) with an optional classification head, returning ``{head: logits}``.
 
-The pair of ``configs/mms*.yaml``, measured on this project's shared CPUs (1 thread, ``python -m
-mms_pipeline.models`` reproduces it; volume = 8 slices of 96 x 96, training step = batch 16, AdamW):
+The pair of ``configs/mms*.yaml``, measured 2026-12-06 on a quiet 2-core AMD EPYC (``python -m mms_pipeline.models
+[THREADS]`` reproduces it; inference as evaluation runs it, :meth:`groupdistil.runtime.Runtime.predictor`: a
+channels_last copy with BatchNorm folded into the convolutions; volume = 8 slices of 96 x 96; training step = batch
+16, AdamW, cross-entropy; median of 8 interleaved repeats):
 
-=======================================================  ========  ==================  ===================
-model                                                    params    inference / volume  training step
-=======================================================  ========  ==================  ===================
-teacher ``resnet18``, decoder (128, 64, 32, 16, 16)      12.46 M   ~180 ms             ~1.2 s
-student ``tu-tf_mobilenetv3_small_minimal_100``,         0.64 M    ~45 ms (4x faster)  ~0.36 s
-decoder (32, 16, 16, 8, 8)
-=======================================================  ========  ==================  ===================
+=======================================================  ========  =========================  ====================
+model                                                    params    inference / volume         training step
+                                                                   1 thread / 2 threads       1 / 2 threads
+=======================================================  ========  =========================  ====================
+teacher ``resnet18``, decoder (128, 64, 32, 16, 16)      12.46 M   85 ms / 51 ms              0.70 s / 0.43 s
+student ``tu-tf_mobilenetv3_small_minimal_100``,         0.65 M    23 ms / 16 ms              0.22 s / 0.15 s
+decoder (32, 16, 16, 16, 16)                                       (0.27 / 0.31 of teacher)
+=======================================================  ========  =========================  ====================
+
+The student has 19x fewer parameters but is only 3-4x faster: the two 16-channel convolutions of the last decoder
+stage and the segmentation head run at full resolution in both models and cost the same there (about 1.4 ms each
+for 7 x 96 x 96 at 2 threads, whatever their channel count: memory-bound). ``model.seg_stride: 2`` removes that stage
+(0.22 of the teacher) but measured worse and less stable on M&Ms (README).
 
 Depthwise convolutions (MobileNet) slow down badly when torch threads outnumber free cores: use one thread per
 free core (``OMP_NUM_THREADS``).
 """
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -253,9 +262,9 @@ def _benchmark(threads: int = 1) -> None:
             train[role].append(time.perf_counter() - start)
     for role, (m, net) in models.items():
         print(f"{role:8s} {m['encoder']:36s} decoder {list(m['decoder_channels'])} seg_stride {m['seg_stride']}: "
-              f"{count_params(net) / 1e6:5.2f} M params, {sorted(infer[role])[4] * 1e3:6.1f} ms / volume "
+              f"{count_params(net) / 1e6:5.2f} M params, {statistics.median(infer[role]) * 1e3:6.1f} ms / volume "
               f"(8 x 96 x 96), "
-              f"{sorted(train[role])[4]:5.2f} s / training step (batch 16)")
+              f"{statistics.median(train[role]):5.2f} s / training step (batch 16)")
 
 
 if __name__ == "__main__":
