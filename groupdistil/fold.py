@@ -13,6 +13,7 @@ used elsewhere, a BatchNorm subclass that does more than normalise) falls back t
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -38,19 +39,21 @@ def conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
     ``model`` on ``example``, both called once."""
     names = {m: n for n, m in model.named_modules()}
     calls: dict[str, int] = {}
-    produced: dict[int, tuple[Tensor, str]] = {}  # id(conv output) -> (the tensor, conv name)
+    # id(conv output) -> (weak reference to it, conv name): the outputs are not kept alive (a large first batch would
+    # otherwise hold every activation of the pass), and a reused id cannot match a dead reference
+    produced: dict[int, tuple[weakref.ref, str]] = {}
     fed: list[tuple[str, str]] = []
 
     def conv_hook(module: nn.Module, args: Any, out: Any) -> None:
         calls[names[module]] = calls.get(names[module], 0) + 1
         if isinstance(out, Tensor):
-            produced[id(out)] = (out, names[module])
+            produced[id(out)] = (weakref.ref(out), names[module])
 
     def bn_hook(module: nn.Module, args: Any) -> None:
         calls[names[module]] = calls.get(names[module], 0) + 1
         x = args[0] if args else None
         hit = produced.get(id(x))
-        if hit is not None and hit[0] is x:
+        if hit is not None and hit[0]() is x:
             fed.append((hit[1], names[module]))
 
     handles = []
