@@ -9,6 +9,8 @@ the convolution's output tensor), not from module names or registration order; a
 modules run exactly once in that pass. The folded copy is then checked against the original on the same input and
 used only if every output agrees to float32 rounding: any structure this cannot see (a convolution's output also
 used elsewhere, a BatchNorm subclass that does more than normalise) falls back to the unfolded model.
+:func:`fold_for_inference` does both on a small synthetic input, so a predictor is folded when it is made, before
+anything is timed.
 """
 from __future__ import annotations
 
@@ -117,3 +119,25 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, int]:
         if not _agree(folded(example), model(example)):
             return model, 0
     return folded, done
+
+
+#: the synthetic input :func:`fold_for_inference` checks the fold on: 2 images of this size
+EXAMPLE_SIZE = 64
+
+
+def fold_for_inference(model: nn.Module) -> nn.Module:
+    """:func:`fold_batchnorm` of an eval-mode ``model`` on a synthetic input (2 random images of
+    ``EXAMPLE_SIZE`` x ``EXAMPLE_SIZE`` with the channels of its first convolution, in the layout of its weights; a
+    local random generator, so the global one is untouched); ``model`` itself when it has no convolution or the fold
+    cannot run (e.g. a model that needs another input size), i.e. never an error."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return model
+    x = torch.randn(2, conv.in_channels, EXAMPLE_SIZE, EXAMPLE_SIZE, generator=torch.Generator().manual_seed(0),
+                    dtype=conv.weight.dtype).to(conv.weight.device)
+    if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        return fold_batchnorm(model.eval(), x)[0]
+    except Exception:  # noqa: BLE001 - folding is an optimisation: a model it cannot run on this input stays as is
+        return model

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from .errors import UserError
-from .fold import fold_batchnorm
+from .fold import fold_for_inference
 
 Predictor = Callable[[Tensor], dict[str, Tensor]]
 
@@ -230,28 +230,23 @@ class Runtime:
         """``x -> {head: float32 logits}``: ``model`` in eval mode under inference mode and this autocast.
 
         On the CPU the predictor runs a channels_last copy of ``model`` as it is now (the trainer makes one predictor
-        per evaluation; make a new one after the weights change): the few-channel, full-resolution convolutions of a
-        small student run much faster in that layout (``benchmarks/README.md``). On its first call the copy's
-        BatchNorms are folded into the convolutions that feed them (:func:`groupdistil.fold.fold_batchnorm`, checked
-        on that call's input, the unfolded copy kept when the outputs differ). The logits agree with ``model``'s to
-        float32 rounding, and the trained model itself is untouched (CPU training is unchanged). Elsewhere ``model``
-        is used as it is (the trainer already keeps CUDA models channels_last with ``train.channels_last``)."""
+        per evaluation; make a new one after the weights change) with its BatchNorms folded into the convolutions
+        that feed them (:func:`groupdistil.fold.fold_for_inference`: checked on a small synthetic input, the unfolded
+        copy kept when the outputs differ): the few-channel, full-resolution convolutions of a small student run much
+        faster in that layout, and without BatchNorm kernels (``benchmarks/README.md``). The logits agree with
+        ``model``'s to float32 rounding, and the trained model itself is untouched (CPU training is unchanged).
+        Elsewhere ``model`` is used as it is (the trainer already keeps CUDA models channels_last with
+        ``train.channels_last``)."""
         net = _channels_last_copy(model) if self.device.type == "cpu" else model
         last = _is_channels_last(net)
-        fold = net is not model  # only a copy of our own is folded, on the first call
+        if net is not model:  # our own copy
+            net = fold_for_inference(net)
 
         def predict(x: Tensor) -> dict[str, Tensor]:
-            nonlocal net, fold
             net.eval()
             x = x.to(self.device)
             if last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if fold:
-                fold = False
-                try:
-                    net = fold_batchnorm(net, x)[0]
-                except Exception:  # noqa: BLE001 - folding is an optimisation: a model it cannot handle runs as it is
-                    pass
             with torch.inference_mode(), self.autocast():
                 return {k: v.float() for k, v in net(x).items()}
 

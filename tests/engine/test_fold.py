@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from groupdistil import runtime
-from groupdistil.fold import conv_bn_pairs, fold_batchnorm
+from groupdistil.fold import conv_bn_pairs, fold_batchnorm, fold_for_inference
 from groupdistil.runtime import Runtime
 
 
@@ -111,7 +111,7 @@ def test_a_batchnorm_subclass_that_does_more_is_not_folded_and_training_mode_is_
         fold_batchnorm(net.train(), torch.randn(1, 1, 8, 8))
 
 
-def test_the_cpu_predictor_folds_on_its_first_call_and_matches_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cpu_predictor_folds_when_made_and_matches_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     net = randomise_bn(Net())
     x = torch.randn(3, 1, 16, 16)
@@ -119,16 +119,37 @@ def test_the_cpu_predictor_folds_on_its_first_call_and_matches_the_model(monkeyp
         want = net(x)
     calls = []
 
-    def spy(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
-        out = fold_batchnorm(model, example)
-        calls.append(out[1])
+    def spy(model: nn.Module) -> nn.Module:
+        out = fold_for_inference(model)
+        calls.append(len(batchnorms(model)) - len(batchnorms(out)))
         return out
 
-    monkeypatch.setattr(runtime, "fold_batchnorm", spy)
+    monkeypatch.setattr(runtime, "fold_for_inference", spy)
     predict = Runtime().predictor(net)
+    assert calls == [3]  # when made, before any call is timed
     first, second = predict(x), predict(x)
-    assert calls == [3]  # once, on the first call
+    assert calls == [3]
     for out in (first, second):
         for head in want:
             assert torch.allclose(out[head], want[head], rtol=1e-5, atol=1e-5), head
     assert batchnorms(net) == ["stem.1", "bn1", "bn2", "pool_bn", "bn3"]  # the trained model keeps its layers
+
+
+def test_fold_for_inference_uses_its_own_random_input_and_never_fails() -> None:
+    net = randomise_bn(Net())
+    state = torch.get_rng_state()
+    assert len(batchnorms(fold_for_inference(net))) == 2  # pool_bn and bn3 stay
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is untouched (training reproducibility)
+
+    class FixedSize(nn.Module):  # needs 8 x 8 inputs: the synthetic check cannot run, the model stays as it is
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Linear(128, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.bn(self.conv(x)).flatten(1))
+
+    fixed = FixedSize().eval()
+    assert fold_for_inference(fixed) is fixed
+    linear = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()
+    assert fold_for_inference(linear) is linear  # no convolution

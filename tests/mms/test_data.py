@@ -469,7 +469,7 @@ def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipe
     """``Runtime.predictor`` hands image batches to the model as channels_last (faster small convolutions on the
     CPU, issue 17): the logits of the student and the teacher architectures agree with a plain call on the
     contiguous batch to float32 rounding, and the whole path's labels and class probabilities are the same. Every
-    BatchNorm of both architectures is folded into its convolution (the predictor does it on its first call), with
+    BatchNorm of both architectures is folded into its convolution (the predictor does it when made), with
     running statistics far from the identity."""
     from groupdistil.fold import fold_batchnorm
     from groupdistil.runtime import Runtime
