@@ -9,7 +9,7 @@ native affine in float64 (off by ~1e-15), so :func:`save_prediction` writes the 
 the slice spacing, so each native slice comes from one fixed position between two working slices, and the trilinear
 resampling is a blend of those two slices followed by a 2-D bilinear warp: MONAI's ``AffineTransform`` in 2-D with
 the slices as the batch (``grid_sample`` 2-D, vectorised on the CPU) instead of ``Invertd``'s 3-D one. Measured on the
-benchmark's synthetic volumes (2 cores, median over 18): ``Invertd`` 11.4 ms, the fast path 3.3 ms per volume; the
+benchmark's 20 synthetic volumes (2 cores, median): ``Invertd`` 9.6-11.4 ms, the fast path 2.7-3.3 ms; the
 same probabilities to float32 rounding (``Invertd`` computes in float64), hence the same labels but at exact
 near-ties. It reads the same MONAI trace (``image.applied_operations``); anything else falls back to ``Invertd``.
 """
