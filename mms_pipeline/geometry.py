@@ -38,14 +38,15 @@ def invert_inplane(probs: torch.Tensor, image: MetaTensor) -> torch.Tensor | Non
     """``probs (C, H, W, Z)`` in the working grid of ``image`` (an output of
     :func:`mms_pipeline.transforms.preprocess`) mapped back to the native grid ``(C, X, Y, Z)`` as ``Invertd`` maps
     them: undo the centre pad/crop (slice / zero pad), then resample from the post-``Spacingd`` grid to the native
-    affine, trilinear with the recorded padding mode and ``align_corners``.
+    affine, trilinear with border padding and the recorded ``align_corners``.
 
     ``Spacingd`` with a kept slice spacing moves each native slice to one fixed slice position ``z'`` of the working
     grid (a sheared or oblique affine adds an in-plane offset per slice and may put ``z'`` between two slices), so the
     trilinear resampling splits exactly into a blend of the two nearest working slices with weights fixed per slice,
     then a bilinear 2-D warp per slice: one ``AffineTransform`` with the slices as the batch. ``None`` (use
     ``Invertd``) when the trace is not ``SpatialResample`` then ``ResizeWithPadOrCrop`` (centre crop, then pad),
-    the mode is not bilinear, or ``z'`` depends on the in-plane position."""
+    the resampling is not bilinear with border padding (``Spacingd``'s defaults), or ``z'`` depends on the in-plane
+    position."""
     ops = image.applied_operations
     if probs.ndim != 4 or [op.get("class") for op in ops] != ["SpatialResample", "ResizeWithPadOrCrop"]:
         return None
@@ -53,7 +54,7 @@ def invert_inplane(probs: torch.Tensor, image: MetaTensor) -> torch.Tensor | Non
     info = resample["extra_info"]
     crop, pad = resize["extra_info"].get("crop_info", {}), resize["extra_info"].get("pad_info", {})
     if (crop.get("class") != "CenterSpatialCrop" or pad.get("class") != "SpatialPad" or info.get("mode") != "bilinear"
-            or info.get("padding_mode") not in ("border", "zeros")):
+            or info.get("padding_mode") != "border"):  # Spacingd's default, what preprocess records
         return None
     padded = [tuple(int(v) for v in p) for p in pad["extra_info"]["padded"][1:]]  # (before, after) per spatial axis
     cropped = [int(v) for v in crop["extra_info"]["cropped"]]  # (before, after) per spatial axis, flattened
@@ -70,21 +71,17 @@ def invert_inplane(probs: torch.Tensor, image: MetaTensor) -> torch.Tensor | Non
     native = tuple(int(v) for v in resample["orig_size"])
     depth = x.shape[3]
     k = torch.arange(native[2], dtype=torch.float64)
-    z = xform[2, 2] * k + xform[2, 3]  # each native slice's position in the working grid
-    if info["padding_mode"] == "border":
-        z = z.clamp(0, depth - 1)
+    z = (xform[2, 2] * k + xform[2, 3]).clamp(0, depth - 1)  # each native slice's position (border padding)
     z0 = z.floor()
-    w1 = (z - z0).float()
-    lo, hi = z0.long(), z0.long() + 1
-    inside = lambda i: ((i >= 0) & (i < depth)).float()  # noqa: E731 - zero padding outside the slices
+    w1 = (z - z0).float()[:, None, None, None]
+    lo, hi = z0.long(), (z0.long() + 1).clamp(max=depth - 1)
     slices = x.permute(3, 0, 1, 2)  # (Z, C, X, Y)
-    blend = (slices[lo.clamp(0, depth - 1)] * ((1 - w1) * inside(lo))[:, None, None, None]
-             + slices[hi.clamp(0, depth - 1)] * (w1 * inside(hi))[:, None, None, None])
+    blend = slices[lo] * (1 - w1) + slices[hi] * w1
     theta = torch.eye(3, dtype=torch.float64).repeat(native[2], 1, 1)  # per slice: (i, j, 1) -> (i', j', 1)
     theta[:, :2, :2] = xform[:2, :2]
     theta[:, :2, 2] = xform[:2, 3] + xform[:2, 2] * k[:, None]
     align = info.get("align_corners")
-    warp = AffineTransform(normalized=False, mode="bilinear", padding_mode=info["padding_mode"],
+    warp = AffineTransform(normalized=False, mode="bilinear", padding_mode="border",
                            align_corners=align if isinstance(align, bool) else False, reverse_indexing=True)
     out = warp(blend.float(), theta=theta.float(), spatial_size=native[:2])  # (Z, C, X, Y)
     return out.permute(1, 2, 3, 0)

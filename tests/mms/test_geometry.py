@@ -131,7 +131,8 @@ def test_fast_inplane_inversion_equals_invertd(tmp_path: Path, spacing: list[flo
 
 
 def test_fast_inversion_declines_what_it_does_not_reproduce(tmp_path: Path) -> None:
-    """Another trace, another interpolation mode or a slice position that varies in-plane: ``None`` (Invertd runs)."""
+    """Another trace, another interpolation or padding mode, or a slice position that varies in-plane: ``None``
+    (Invertd runs)."""
     from copy import deepcopy
 
     _, work = _work_volume(tmp_path, [1.25, 1.25], [64, 64])
@@ -139,9 +140,10 @@ def test_fast_inversion_declines_what_it_does_not_reproduce(tmp_path: Path) -> N
     assert invert_inplane(probs, work) is not None
     no_crop = MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=work.applied_operations[:1])
     assert invert_inplane(probs, no_crop) is None
-    nearest = deepcopy(work.applied_operations)
-    nearest[0]["extra_info"]["mode"] = "nearest"
-    assert invert_inplane(probs, MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=nearest)) is None
+    for key, value in (("mode", "nearest"), ("padding_mode", "zeros")):
+        other = deepcopy(work.applied_operations)
+        other[0]["extra_info"][key] = value
+        assert invert_inplane(probs, MetaTensor(work.as_tensor(), affine=work.affine, applied_operations=other)) is None
     tilted = deepcopy(work.applied_operations)
     tilted[0]["extra_info"]["src_affine"] = tilted[0]["extra_info"]["src_affine"].clone()
     tilted[0]["extra_info"]["src_affine"][2, 0] += 0.5  # the native slice is tilted against the working slices
