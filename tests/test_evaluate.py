@@ -28,8 +28,7 @@ from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--set", "data.roi=[64, 64]", "--set", "train.batch_size=8", "--set", "model.encoder=resnet18",
-            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]",
-            "--set", "model.seg_stride=1", "--max-steps", "4", "--set", "train.num_threads=1"]
+            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]", "--max-steps", "4", "--set", "train.num_threads=1"]
 # the default pathology head (model.cls_head: indices) reads the label maps' clinical indices, so a run's
 # classification columns are reproduced from its predictions too
 

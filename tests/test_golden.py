@@ -59,8 +59,7 @@ SETTINGS = {
     "waterbirds": COMMON + ["--set", "model.arch=resnet18", "--set", "data.image_size=32",
                             "--set", "train.batch_size=16"],
     "mms": COMMON + ["--set", "data.roi=[64, 64]", "--set", "train.batch_size=8",
-                     "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16, 16, 8, 8, 8]",
-                     "--set", "model.seg_stride=1"],
+                     "--set", "model.encoder=resnet18", "--set", "model.decoder_channels=[16, 16, 8, 8, 8]"],
 }
 MAX_STEPS, EVAL_STEPS = 6, (3, 6)
 RERUN = "mms/groupdistil"  # run twice: the same-machine determinism check

@@ -23,8 +23,7 @@ from mms_pipeline.pipeline import MMSPipeline
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY_RUN = ["--set", "data.roi=[64, 64]", "--set", "train.batch_size=8", "--set", "model.encoder=resnet18",
-            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]",
-            "--set", "model.seg_stride=1", "--set", "train.num_threads=1",
+            "--set", "model.decoder_channels=[16, 16, 8, 8, 8]", "--set", "train.num_threads=1",
             "--set", "data.augment=false", "--method", "kd", "--max-steps", "2"]
 
 
