@@ -296,32 +296,6 @@ def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> 
     assert set(model(torch.zeros(1, 1, 32, 32))) == {"seg"}
 
 
-def test_half_resolution_head_runs_no_decoder_stage_at_full_resolution(mms_root: Path) -> None:
-    """``model.seg_stride: 2``: every decoder and head convolution sees at most half the input size, and the logits
-    are the head's half-resolution logits upsampled bilinearly (smp's head, align_corners); bad settings name the
-    key."""
-    import torch.nn.functional as F
-
-    net = MMSPipeline.model_for({"model": {"seg_stride": 2, "decoder_channels": [32, 16, 16, 16]}}).eval()
-    sizes: dict[str, tuple[int, ...]] = {}
-    head_out: list[torch.Tensor] = []
-    for name, m in net.named_modules():
-        if isinstance(m, torch.nn.Conv2d) and not name.startswith("net.encoder"):
-            m.register_forward_hook(lambda mod, a, out, name=name: sizes.__setitem__(name, tuple(a[0].shape[-2:])))
-    net.net.segmentation_head[0].register_forward_hook(lambda mod, a, out: head_out.append(out))
-    with torch.inference_mode():
-        seg = net(torch.randn(2, 1, 64, 64))["seg"]
-    assert seg.shape == (2, 4, 64, 64) and sizes and max(max(s) for s in sizes.values()) == 32
-    want = F.interpolate(head_out[0], scale_factor=2, mode="bilinear", align_corners=True)
-    assert torch.allclose(seg, want, atol=1e-6)
-    with pytest.raises(UserError, match="model.decoder_channels.*needs 4"):
-        _ = MMSPipeline({"model": {"seg_stride": 2}}, mms_root).mcfg
-    with pytest.raises(UserError, match="model.seg_stride"):
-        _ = MMSPipeline({"model": {"seg_stride": 4}}, mms_root).mcfg
-    with pytest.raises(UserError, match="model.decoder_channels.*needs 5"):
-        MMSPipeline.model_for({"model": {"decoder_channels": [32, 16, 16, 16]}})
-
-
 def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipeline) -> None:
     case = mms_pipeline.case("test", 0)
     for head in ("indices", "encoder"):
