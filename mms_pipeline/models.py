@@ -16,8 +16,8 @@ decoder (32, 16, 16, 16, 16)                                       (0.27 / 0.31 
 
 The student has 19x fewer parameters but is only 3-4x faster: the two 16-channel convolutions of the last decoder
 stage and the segmentation head run at full resolution in both models and cost the same there (about 1.4 ms each
-for 7 x 96 x 96 at 2 threads, whatever their channel count: memory-bound). ``model.seg_stride: 2`` removes that stage
-(0.22 of the teacher) but measured worse and less stable on M&Ms (README).
+for 7 x 96 x 96 at 2 threads, whatever their channel count: memory-bound). A student without that stage (logits
+upsampled from half resolution) was 0.22 of the teacher but measured worse and less stable on M&Ms (README).
 
 Depthwise convolutions (MobileNet) slow down badly when torch threads outnumber free cores: use one thread per
 free core (``OMP_NUM_THREADS``).
@@ -32,7 +32,6 @@ from urllib.parse import urlparse
 
 import safetensors.torch
 import segmentation_models_pytorch as smp
-from segmentation_models_pytorch.base.heads import SegmentationHead
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
@@ -48,8 +47,6 @@ from groupdistil.runtime import count_params
 CLS_HEADS = ("indices", "encoder", "morphology")
 #: the heads that are part of the network (trained with a classification loss)
 NETWORK_CLS_HEADS = ("encoder", "morphology")
-#: ``model.seg_stride``: the resolution of the segmentation head relative to the input (2: half, upsampled)
-SEG_STRIDES = (1, 2)
 
 
 class MorphologyHead(nn.Module):
@@ -171,26 +168,11 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
 
 
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
-               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder",
-               seg_stride: int = 1) -> SegClsNet:
+               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder") -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
     ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
     ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
-    downloaded: when they are not cached, a UserError says what to do.
-
-    ``seg_stride`` 2: the decoder stops at half resolution (``decoder_channels`` lists 4 stages, not 5) and the
-    segmentation head's logits are upsampled bilinearly to the input size (smp's ``SegmentationHead(upsampling=2)``):
-    the full-resolution stage, whose few-channel convolutions cost as much in a small student as in its teacher,
-    is gone (see the module docstring)."""
-    if seg_stride not in SEG_STRIDES:
-        raise UserError(f"model.seg_stride: {seg_stride!r} is not one of {', '.join(map(str, SEG_STRIDES))}")
-    stages = 5 - (seg_stride == 2)
-    if len(decoder_channels) != stages:
-        raise UserError(f"model.decoder_channels: {list(decoder_channels)} has {len(decoder_channels)} stages; "
-                        f"model.seg_stride {seg_stride} needs {stages} (one per decoder stage down to "
-                        f"{'half' if seg_stride == 2 else 'full'} resolution)")
-    if seg_stride == 2:  # smp builds 5 stages; the last (full-resolution) one is replaced below
-        decoder_channels = [*decoder_channels, decoder_channels[-1]]
+    downloaded: when they are not cached, a UserError says what to do."""
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
@@ -212,19 +194,7 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
-    if seg_stride == 2:
-        net.decoder.blocks[-1] = _KeepResolution()
-        net.segmentation_head = SegmentationHead(int(decoder_channels[-2]), int(heads["seg"]), kernel_size=3,
-                                                 upsampling=2)
     return SegClsNet(net, classify=aux is not None, morphology=morphology)
-
-
-class _KeepResolution(nn.Module):
-    """Stands in for the U-Net decoder's last (full-resolution) stage with ``model.seg_stride`` 2: passes the
-    half-resolution features through (it takes the stage's arguments: size and skip connection)."""
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return x
 
 
 def _benchmark(threads: int = 1) -> None:
@@ -239,8 +209,8 @@ def _benchmark(threads: int = 1) -> None:
     configs = Path(__file__).resolve().parents[1] / "configs"
     models = {}
     for role, name in (("teacher", "mms_teacher.yaml"), ("student", "mms.yaml")):
-        m = {"seg_stride": 1, **yaml.safe_load((configs / name).read_text())["model"]}
-        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4}, seg_stride=m["seg_stride"]))
+        m = yaml.safe_load((configs / name).read_text())["model"]
+        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4}))
     x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
     target = torch.randint(0, 4, (16, 96, 96))
     infer: dict[str, list[float]] = {role: [] for role in models}
@@ -249,7 +219,7 @@ def _benchmark(threads: int = 1) -> None:
     for repeat in range(8):
         for role, (_, net) in models.items():
             predict = Runtime().predictor(net)
-            predict(x)  # the first call folds BatchNorm
+            predict(x)  # warm-up
             start = time.perf_counter()
             predict(x)
             infer[role].append(time.perf_counter() - start)
@@ -261,7 +231,7 @@ def _benchmark(threads: int = 1) -> None:
             opts[role].step()
             train[role].append(time.perf_counter() - start)
     for role, (m, net) in models.items():
-        print(f"{role:8s} {m['encoder']:36s} decoder {list(m['decoder_channels'])} seg_stride {m['seg_stride']}: "
+        print(f"{role:8s} {m['encoder']:36s} decoder {list(m['decoder_channels'])}: "
               f"{count_params(net) / 1e6:5.2f} M params, {statistics.median(infer[role]) * 1e3:6.1f} ms / volume "
               f"(8 x 96 x 96), "
               f"{statistics.median(train[role]):5.2f} s / training step (batch 16)")

@@ -43,7 +43,7 @@ from . import data, report, results, scoring, soft_targets
 from .geometry import invert_inplane, save_prediction
 from .metrics import STRUCTURES, mean_dice, write_per_case_csv
 from .metrics import summarise as summarise_rows
-from .models import CLS_HEADS, NETWORK_CLS_HEADS, SEG_STRIDES, build_unet
+from .models import CLS_HEADS, NETWORK_CLS_HEADS, build_unet
 from .pathology import IndexClassifier
 from .pathology import features as index_features
 from .synth import synthesize as synthesize_release
@@ -70,10 +70,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "model": {
         "encoder": "tu-tf_mobilenetv3_small_minimal_100",  # any smp encoder name, e.g. resnet18
-        "decoder_channels": [32, 16, 16, 16, 16],  # one width per decoder stage: 5, or 4 with seg_stride 2
-        # 1: the segmentation head at full resolution | 2: at half resolution, its logits upsampled bilinearly (no
-        # full-resolution decoder stage: a faster small student, see mms_pipeline.models)
-        "seg_stride": 1,
+        "decoder_channels": [32, 16, 16, 16, 16],
         "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # decide each subject's pathology (data.classes)
@@ -146,12 +143,6 @@ class MMSPipeline(Pipeline):
     def mcfg(self) -> dict[str, Any]:
         m = self.section("model")
         _check(m["cls_head"] in CLS_HEADS, "model.cls_head", f"'{m['cls_head']}' is not one of {', '.join(CLS_HEADS)}")
-        _check(m["seg_stride"] in SEG_STRIDES, "model.seg_stride",
-               f"{m['seg_stride']!r} is not one of {', '.join(map(str, SEG_STRIDES))}")
-        stages = 5 - (m["seg_stride"] == 2)
-        _check(len(m["decoder_channels"]) == stages, "model.decoder_channels",
-               f"{list(m['decoder_channels'])} has {len(m['decoder_channels'])} stages; model.seg_stride "
-               f"{m['seg_stride']} needs {stages}")
         return m
 
     @cached_property
@@ -367,8 +358,7 @@ class MMSPipeline(Pipeline):
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
         m = cfg["model"]
         return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
-                          dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"],
-                          seg_stride=m["seg_stride"])
+                          dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
