@@ -38,8 +38,8 @@ def _after_norm(bn: nn.BatchNorm2d) -> nn.Module | None:
 
 
 def conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
-    """``(conv name, batchnorm name)`` of every eval-mode BatchNorm2d fed directly by a Conv2d in one forward pass of
-    ``model`` on ``example``, both called once."""
+    """``(conv name, batchnorm name)`` of every BatchNorm2d fed directly by a Conv2d in one forward pass of ``model``
+    on ``example``, both called once (:func:`fold_batchnorm` checks that they are in eval mode)."""
     names = {m: n for n, m in model.named_modules()}
     calls: dict[str, int] = {}
     # id(conv output) -> (weak reference to it, conv name): the outputs are not kept alive (a large first batch would

@@ -1,17 +1,18 @@
 """2-D U-Nets (segmentation_models_pytorch) with an optional classification head, returning ``{head: logits}``.
 
-The pair of ``configs/mms*.yaml``, measured 2026-12-06 on a quiet 2-core AMD EPYC (``python -m mms_pipeline.models
+The pair of ``configs/mms*.yaml``, measured 2026-12-06 on a 2-core AMD EPYC VM (``python -m mms_pipeline.models
 [THREADS]`` reproduces it; inference as evaluation runs it, :meth:`groupdistil.runtime.Runtime.predictor`: a
 channels_last copy with BatchNorm folded into the convolutions; volume = 8 slices of 96 x 96; training step = batch
-16, AdamW, cross-entropy; median of 8 interleaved repeats):
+16, AdamW, cross-entropy; median of 8 interleaved repeats, the range over 2 runs at 1 thread and 3 at 2 threads: the
+VM's speed moved by up to a third between runs minutes apart):
 
 =======================================================  ========  =========================  ====================
 model                                                    params    inference / volume         training step
                                                                    1 thread / 2 threads       1 / 2 threads
 =======================================================  ========  =========================  ====================
-teacher ``resnet18``, decoder (128, 64, 32, 16, 16)      12.46 M   85 ms / 51 ms              0.70 s / 0.43 s
-student ``tu-tf_mobilenetv3_small_minimal_100``,         0.65 M    23 ms / 16 ms              0.22 s / 0.15 s
-decoder (32, 16, 16, 16, 16)                                       (0.27 / 0.31 of teacher)
+teacher ``resnet18``, decoder (128, 64, 32, 16, 16)      12.46 M   98-105 ms / 57-62 ms       0.75-0.86 / 0.44-0.51 s
+student ``tu-tf_mobilenetv3_small_minimal_100``,         0.65 M    25-31 ms / 17-23 ms        0.25-0.27 / 0.17-0.21 s
+decoder (32, 16, 16, 16, 16)                                       (0.26-0.30 / 0.30-0.37)
 =======================================================  ========  =========================  ====================
 
 The student has 19x fewer parameters but is only 3-4x faster: the two 16-channel convolutions of the last decoder
