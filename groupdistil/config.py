@@ -187,9 +187,32 @@ def validate(cfg: dict[str, Any], schema: dict[str, Any], source: str, prefix: t
 SELECTIONS = ("worst_group", "average", "worst_class")
 
 
+#: keys a pipeline added to its defaults after runs of it existed, with the default that reproduces the older
+#: behaviour: left out of :func:`config_hash` while at that value, so finished runs (whose configs lack the key) are
+#: still recognised. ``{pipeline: {dotted key: default}}``, filled by :func:`hash_neutral_at_default`
+_HASH_NEUTRAL: dict[str, dict[str, Any]] = {}
+
+
+def hash_neutral_at_default(pipeline: str, keys: dict[str, Any]) -> None:
+    """Declare keys added to ``pipeline``'s defaults (dotted, e.g. ``model.head_kernel``) with the default that
+    behaves as before they existed: a config at that value hashes as one without the key."""
+    _HASH_NEUTRAL.setdefault(pipeline, {}).update(keys)
+
+
 def config_hash(cfg: dict[str, Any], exclude: tuple[str, ...] = ("run",)) -> str:
-    """Hash of the parts of a resolved config that define the results."""
+    """Hash of the parts of a resolved config that define the results (keys declared with
+    :func:`hash_neutral_at_default` left out while at their default)."""
     core = {k: v for k, v in cfg.items() if k not in exclude}
+    neutral = _HASH_NEUTRAL.get(str(cfg.get("pipeline")), {})
+    if neutral:
+        core = copy.deepcopy(core)
+        for dotted, default in neutral.items():
+            *parents, leaf = dotted.split(".")
+            section = core
+            for key in parents:
+                section = section.get(key) if isinstance(section, dict) else None
+            if isinstance(section, dict) and leaf in section and section[leaf] == default:
+                del section[leaf]
     return hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ from urllib.parse import urlparse
 
 import safetensors.torch
 import segmentation_models_pytorch as smp
+from segmentation_models_pytorch.base import initialization as smp_init
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
@@ -168,12 +169,38 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
     return net
 
 
+def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """A depthwise-separable stand-in for smp's ``Conv2dReLU`` 3 x 3 (MobileNet's block): depthwise 3 x 3, BatchNorm,
+    ReLU, pointwise 1 x 1, BatchNorm, ReLU. Both BatchNorms fold into their convolutions at inference
+    (:mod:`groupdistil.fold`)."""
+    block = nn.Sequential(
+        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False), nn.BatchNorm2d(in_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    smp_init.initialize_decoder(block)
+    return block
+
+
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
-               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder") -> SegClsNet:
+               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder", head_kernel: int = 3,
+               separable_stages: int = 0) -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
     ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
     ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
-    downloaded: when they are not cached, a UserError says what to do."""
+    downloaded: when they are not cached, a UserError says what to do.
+
+    One decoder stage per entry of ``decoder_channels``: 5 uses the encoder down to stride 32 (smp's default), 4
+    stops at stride 16 (3 at stride 8). ``head_kernel``: the segmentation head's convolution, 3 x 3 (smp's) or 1 x 1
+    (a per-pixel linear read-out, as the original U-Net's). ``separable_stages``: the last N decoder stages use
+    depthwise-separable convolutions (:func:`separable_conv_relu`) instead of full 3 x 3 ones."""
+    if not 3 <= len(decoder_channels) <= 5:
+        raise UserError(f"model.decoder_channels: one entry per decoder stage, 3 to 5 of them (the encoder depth), "
+                        f"got {list(decoder_channels)}")
+    if head_kernel not in (1, 3):
+        raise UserError(f"model.head_kernel: 1 or 3, got {head_kernel!r}")
+    if not 0 <= separable_stages <= len(decoder_channels):
+        raise UserError(f"model.separable_stages: 0 to {len(decoder_channels)} (the decoder stages), got "
+                        f"{separable_stages!r}")
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
@@ -186,7 +213,7 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     aux = ({"classes": int(heads["cls"]), "pooling": "avg", "dropout": float(dropout)}
            if "cls" in heads and morphology is None else None)
     kwargs = {"classes": int(heads["seg"]), "decoder_channels": tuple(int(c) for c in decoder_channels),
-              "aux_params": aux}
+              "encoder_depth": len(decoder_channels), "aux_params": aux}
     try:
         if pretrained:
             net = _pretrained_unet(encoder, in_channels, **kwargs)
@@ -195,6 +222,13 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
+    if head_kernel != 3:
+        conv = net.segmentation_head[0]
+        net.segmentation_head[0] = nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2)
+        smp_init.initialize_head(net.segmentation_head)
+    for block in list(net.decoder.blocks)[len(net.decoder.blocks) - separable_stages:] if separable_stages else []:
+        block.conv1 = separable_conv_relu(block.conv1[0].in_channels, block.conv1[0].out_channels)
+        block.conv2 = separable_conv_relu(block.conv2[0].in_channels, block.conv2[0].out_channels)
     return SegClsNet(net, classify=aux is not None, morphology=morphology)
 
 
@@ -211,7 +245,9 @@ def _benchmark(threads: int = 1) -> None:
     models = {}
     for role, name in (("teacher", "mms_teacher.yaml"), ("student", "mms.yaml")):
         m = yaml.safe_load((configs / name).read_text())["model"]
-        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4}))
+        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4},
+                                      head_kernel=m.get("head_kernel", 3),
+                                      separable_stages=m.get("separable_stages", 0)))
     x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
     target = torch.randint(0, 4, (16, 96, 96))
     infer: dict[str, list[float]] = {role: [] for role in models}

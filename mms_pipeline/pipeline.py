@@ -32,6 +32,7 @@ from monai.inferers import SliceInferer
 from monai.transforms import Compose, Invertd
 from torch import nn
 
+from groupdistil.config import hash_neutral_at_default
 from groupdistil.distributed import barrier, gather_objects, is_main, shard
 from groupdistil.errors import UserError
 from groupdistil.pipeline import GroupBreakdown, Pipeline, Predictor
@@ -70,7 +71,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "model": {
         "encoder": "tu-tf_mobilenetv3_small_minimal_100",  # any smp encoder name, e.g. resnet18
-        "decoder_channels": [32, 16, 16, 16, 16],
+        "decoder_channels": [32, 16, 16, 16, 16],  # one per decoder stage: 5 (encoder to stride 32), 4 or 3
+        "head_kernel": 3,  # segmentation head convolution: 3 (3 x 3, smp's) | 1 (1 x 1)
+        "separable_stages": 0,  # the last N decoder stages with depthwise-separable convolutions
         "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # decide each subject's pathology (data.classes)
@@ -84,6 +87,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "sw_batch_size": 32,  # slices per forward pass at inference
     },
 }
+
+#: added after M&Ms runs existed; at these values a model is built as before, and finished runs are still recognised
+hash_neutral_at_default("mms", {"model.head_kernel": 3, "model.separable_stages": 0})
 
 
 @dataclass
@@ -358,7 +364,8 @@ class MMSPipeline(Pipeline):
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
         m = cfg["model"]
         return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
-                          dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"])
+                          dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"],
+                          head_kernel=m["head_kernel"], separable_stages=m["separable_stages"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
