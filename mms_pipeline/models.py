@@ -181,6 +181,16 @@ def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return block
 
 
+def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
+    """With fewer than 5 decoder stages, timm's MobileNet / EfficientNet feature models still hold and run the deeper
+    blocks whose output no stage reads: cut them (same weights, same outputs; the parameters count and the forward
+    pass no longer include them). Other encoders are left as they are."""
+    model = getattr(encoder, "model", None)
+    stages = getattr(model, "_stage_out_idx", None)
+    if isinstance(getattr(model, "blocks", None), nn.Sequential) and stages and getattr(model, "feature_hooks", 1) is None:
+        model.blocks = model.blocks[:max(stages)]
+
+
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
                dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder", head_kernel: int = 3,
                separable_stages: int = 0) -> SegClsNet:
@@ -222,6 +232,7 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
+    _drop_unused_encoder_blocks(net.encoder)
     if head_kernel != 3:
         conv = net.segmentation_head[0]
         net.segmentation_head[0] = nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2)

@@ -444,13 +444,15 @@ def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipe
     CPU, issue 17): the logits of the student and the teacher architectures agree with a plain call on the
     contiguous batch to float32 rounding, and the whole path's labels and class probabilities are the same. Every
     BatchNorm of both architectures is folded into its convolution (the predictor does it when made), with
-    running statistics far from the identity."""
+    running statistics far from the identity; also in the separable decoder stage of ``model.separable_stages``."""
     from groupdistil.fold import fold_batchnorm
     from groupdistil.runtime import Runtime
 
     torch.manual_seed(0)
-    for encoder in ("tu-tf_mobilenetv3_small_minimal_100", "resnet18"):
-        net = mms_pipeline.model_for({"model": {"cls_head": "encoder", "encoder": encoder}}).eval()
+    lite = {"decoder_channels": [32, 16, 16, 16], "head_kernel": 1, "separable_stages": 1}
+    for encoder, extra in (("tu-tf_mobilenetv3_small_minimal_100", {}), ("resnet18", {}),
+                           ("tu-tf_mobilenetv3_small_minimal_100", lite)):
+        net = mms_pipeline.model_for({"model": {"cls_head": "encoder", "encoder": encoder, **extra}}).eval()
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
