@@ -328,6 +328,34 @@ def _previous_predict_volume(pipe: MMSPipeline, predict: Any, image: Any) -> tup
     return labels, cls
 
 
+def test_slices_run_directly_give_slice_inferers_outputs(mms_pipeline: MMSPipeline, monkeypatch) -> None:
+    """``infer_slices`` runs the network on the slices itself when a slice is one window, with SliceInferer's
+    outputs (segmentation and the broadcast classification logits), also when the slices take several batches;
+    another in-plane size goes through SliceInferer."""
+    from monai.inferers import SliceInferer
+
+    from mms_pipeline.pipeline import _spatial_outputs
+
+    torch.manual_seed(0)
+    net = mms_pipeline.model_for({"model": {"cls_head": "encoder"}}).eval()
+    image = mms_pipeline.case("test", 0).phases["ED"].image.as_tensor()
+    calls = []
+    monkeypatch.setitem(mms_pipeline.ecfg, "sw_batch_size", 3)  # a 7-slice volume: batches of 3, 3, 1
+    with torch.inference_mode():
+        inferer = SliceInferer(roi_size=image.shape[1:3], sw_batch_size=3, spatial_dim=2)  # pipeline's is cached
+        want = inferer(image[None], _spatial_outputs(net))
+        got = mms_pipeline.infer_slices(lambda x: calls.append(len(x)) or net(x), image)
+        assert calls == [3] * (image.shape[-1] // 3) + ([image.shape[-1] % 3] if image.shape[-1] % 3 else [])
+        assert got["seg"].shape == want["seg"].shape
+        assert torch.allclose(got["seg"], want["seg"], rtol=0, atol=1e-6)
+        assert torch.allclose(got["cls"][0, :, 0, 0, :], want["cls"][0, :, 0, 0, :], rtol=0, atol=1e-6)
+        monkeypatch.undo()  # the pipeline's SliceInferer (cached) is made with the configured batch
+        wider = torch.nn.functional.pad(image, (0, 0, 0, 32))  # (1, H, W + 32, Z): two windows per slice
+        calls.clear()
+        out = mms_pipeline.infer_slices(lambda x: calls.append(tuple(x.shape[-2:])) or net(x), wider)
+        assert out["seg"].shape[2:4] == wider.shape[1:3] and set(calls) == {tuple(image.shape[1:3])}
+
+
 def test_whole_volume_inference_gives_the_labels_of_the_previous_path(mms_pipeline: MMSPipeline) -> None:
     """``predict_volume`` (channel_argmax, the 2-D inversion) labels as the plain argmax after ``Invertd``, with
     exact ties between classes too."""
