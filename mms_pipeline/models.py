@@ -193,7 +193,7 @@ def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
 
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
                dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder", head_kernel: int = 3,
-               separable_stages: int = 0) -> SegClsNet:
+               separable_stages: int = 0, separable_head: bool = False) -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
     ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
     ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
@@ -202,7 +202,8 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     One decoder stage per entry of ``decoder_channels``: 5 uses the encoder down to stride 32 (smp's default), 4
     stops at stride 16 (3 at stride 8). ``head_kernel``: the segmentation head's convolution, 3 x 3 (smp's) or 1 x 1
     (a per-pixel linear read-out, as the original U-Net's). ``separable_stages``: the last N decoder stages use
-    depthwise-separable convolutions (:func:`separable_conv_relu`) instead of full 3 x 3 ones."""
+    depthwise-separable convolutions (:func:`separable_conv_relu`) instead of full 3 x 3 ones; ``separable_head``: the
+    3 x 3 head as a depthwise 3 x 3 convolution, BatchNorm and a 1 x 1 convolution to the classes."""
     if not 3 <= len(decoder_channels) <= 5:
         raise UserError(f"model.decoder_channels: one entry per decoder stage, 3 to 5 of them (the encoder depth), "
                         f"got {list(decoder_channels)}")
@@ -233,9 +234,15 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
     _drop_unused_encoder_blocks(net.encoder)
-    if head_kernel != 3:
+    if separable_head and head_kernel != 3:
+        raise UserError(f"model.separable_head: needs model.head_kernel 3, got {head_kernel}")
+    if head_kernel != 3 or separable_head:
         conv = net.segmentation_head[0]
-        net.segmentation_head[0] = nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2)
+        net.segmentation_head[0] = (
+            nn.Sequential(nn.Conv2d(conv.in_channels, conv.in_channels, 3, padding=1, groups=conv.in_channels,
+                                    bias=False), nn.BatchNorm2d(conv.in_channels),
+                          nn.Conv2d(conv.in_channels, conv.out_channels, 1))
+            if separable_head else nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2))
         smp_init.initialize_head(net.segmentation_head)
     for block in list(net.decoder.blocks)[len(net.decoder.blocks) - separable_stages:] if separable_stages else []:
         block.conv1 = separable_conv_relu(block.conv1[0].in_channels, block.conv1[0].out_channels)
@@ -258,7 +265,8 @@ def _benchmark(threads: int = 1) -> None:
         m = yaml.safe_load((configs / name).read_text())["model"]
         models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4},
                                       head_kernel=m.get("head_kernel", 3),
-                                      separable_stages=m.get("separable_stages", 0)))
+                                      separable_stages=m.get("separable_stages", 0),
+                                      separable_head=m.get("separable_head", False)))
     x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
     target = torch.randint(0, 4, (16, 96, 96))
     infer: dict[str, list[float]] = {role: [] for role in models}

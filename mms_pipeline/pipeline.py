@@ -74,6 +74,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "decoder_channels": [32, 16, 16, 16, 16],  # one per decoder stage: 5 (encoder to stride 32), 4 or 3
         "head_kernel": 3,  # segmentation head convolution: 3 (3 x 3, smp's) | 1 (1 x 1)
         "separable_stages": 0,  # the last N decoder stages with depthwise-separable convolutions
+        "separable_head": False,  # the 3 x 3 head as depthwise 3 x 3 + BatchNorm + 1 x 1
         "pretrained": False,  # smp/timm ImageNet encoder weights, from the local cache only (never downloaded)
         "init_from": None,  # run folder, checkpoint or state dict: the encoder's weights (decoder, heads may differ)
         "classify": True,  # decide each subject's pathology (data.classes)
@@ -89,7 +90,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 #: added after M&Ms runs existed; at these values a model is built as before, and finished runs are still recognised
-hash_neutral_at_default("mms", {"model.head_kernel": 3, "model.separable_stages": 0})
+hash_neutral_at_default("mms", {"model.head_kernel": 3, "model.separable_stages": 0, "model.separable_head": False})
 
 
 @dataclass
@@ -365,7 +366,8 @@ class MMSPipeline(Pipeline):
         m = cfg["model"]
         return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
                           dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"],
-                          head_kernel=m["head_kernel"], separable_stages=m["separable_stages"])
+                          head_kernel=m["head_kernel"], separable_stages=m["separable_stages"],
+                          separable_head=m["separable_head"])
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
