@@ -472,12 +472,13 @@ def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipe
     CPU, issue 17): the logits of the student and the teacher architectures agree with a plain call on the
     contiguous batch to float32 rounding, and the whole path's labels and class probabilities are the same. Every
     BatchNorm of both architectures is folded into its convolution (the predictor does it when made), with
-    running statistics far from the identity; also in the separable decoder stage of ``model.separable_stages``."""
+    running statistics far from the identity; also in the separable decoder stage and head (``model.separable_stages``,
+    ``model.separable_head``)."""
     from groupdistil.fold import fold_batchnorm
     from groupdistil.runtime import Runtime
 
     torch.manual_seed(0)
-    lite = {"decoder_channels": [32, 16, 16, 16], "head_kernel": 1, "separable_stages": 1}
+    lite = {"decoder_channels": [32, 16, 16, 16], "separable_stages": 1, "separable_head": True}
     for encoder, extra in (("tu-tf_mobilenetv3_small_minimal_100", {}), ("resnet18", {}),
                            ("tu-tf_mobilenetv3_small_minimal_100", lite)):
         net = mms_pipeline.model_for({"model": {"cls_head": "encoder", "encoder": encoder, **extra}}).eval()

@@ -39,6 +39,20 @@ def test_four_stages_stop_the_encoder_at_stride_16_with_a_1x1_head_and_a_separab
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_the_separable_head_keeps_a_3x3_view_in_two_convolutions():
+    torch.manual_seed(0)
+    net = build_unet(ENCODER, (32, 16, 16, 16, 16), {"seg": 4}, separable_head=True)
+    depthwise, bn, pointwise = net.net.segmentation_head[0]
+    assert depthwise.groups == 16 and depthwise.kernel_size == (3, 3) and isinstance(bn, torch.nn.BatchNorm2d)
+    assert pointwise.kernel_size == (1, 1) and pointwise.out_channels == 4
+    grad = torch.autograd.functional.jacobian(lambda t: net.eval().net.segmentation_head(t)[0, 0, 32, 32],
+                                              torch.randn(1, 16, 64, 64))
+    touched = grad.abs().sum(1)[0].nonzero()  # the head's output pixel depends on a 3 x 3 neighbourhood
+    assert touched[:, 0].unique().tolist() == [31, 32, 33] and touched[:, 1].unique().tolist() == [31, 32, 33]
+    with pytest.raises(UserError, match="model.separable_head: needs model.head_kernel 3, got 1"):
+        build_unet(ENCODER, (32, 16, 16, 16, 16), {"seg": 4}, head_kernel=1, separable_head=True)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"decoder_channels": (16, 16)}, r"model.decoder_channels: one entry per decoder stage, 3 to 5 .*\[16, 16\]"),
     ({"head_kernel": 5}, r"model.head_kernel: 1 or 3, got 5"),
@@ -54,10 +68,11 @@ def test_the_new_keys_at_their_defaults_keep_the_config_hash_of_older_runs():
     """A run written before ``head_kernel`` / ``separable_stages`` existed (its config lacks them) hashes as the same
     config resolved now, so ``--reuse`` and ``run`` still recognise it; another value is another run."""
     now = MMSPipeline.with_defaults({"pipeline": "mms", "model": {}})
-    assert now["model"]["head_kernel"] == 3 and now["model"]["separable_stages"] == 0
-    older = {**now, "model": {k: v for k, v in now["model"].items() if k not in ("head_kernel", "separable_stages")}}
+    assert (now["model"]["head_kernel"], now["model"]["separable_stages"], now["model"]["separable_head"]) == (3, 0, False)
+    new_keys = ("head_kernel", "separable_stages", "separable_head")
+    older = {**now, "model": {k: v for k, v in now["model"].items() if k not in new_keys}}
     assert config_hash(older, exclude=()) == config_hash(now, exclude=())
-    for key, value in (("head_kernel", 1), ("separable_stages", 1)):
+    for key, value in (("head_kernel", 1), ("separable_stages", 1), ("separable_head", True)):
         other = {**now, "model": {**now["model"], key: value}}
         assert config_hash(other, exclude=()) != config_hash(now, exclude=()), key
     # another pipeline's keys of the same name are not touched
