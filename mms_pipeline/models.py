@@ -181,6 +181,13 @@ def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return block
 
 
+def separable_head_conv(in_channels: int, classes: int) -> nn.Sequential:
+    """The segmentation head's 3 x 3 convolution factored as depthwise 3 x 3, BatchNorm, 1 x 1 to the classes (no
+    activation between: a low-rank 3 x 3 convolution, still a 3 x 3 view of the last features)."""
+    return nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+                         nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, classes, 1))
+
+
 def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
     """With fewer than 5 decoder stages, timm's MobileNet / EfficientNet feature models still hold and run the deeper
     blocks whose output no stage reads: cut them (same weights, same outputs; the parameters count and the forward
@@ -212,6 +219,8 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
     if not 0 <= separable_stages <= len(decoder_channels):
         raise UserError(f"model.separable_stages: 0 to {len(decoder_channels)} (the decoder stages), got "
                         f"{separable_stages!r}")
+    if separable_head and head_kernel != 3:
+        raise UserError(f"model.separable_head: needs model.head_kernel 3, got {head_kernel}")
     known = smp.encoders.get_encoder_names()
     if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
         raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
@@ -234,15 +243,11 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
     _drop_unused_encoder_blocks(net.encoder)
-    if separable_head and head_kernel != 3:
-        raise UserError(f"model.separable_head: needs model.head_kernel 3, got {head_kernel}")
     if head_kernel != 3 or separable_head:
         conv = net.segmentation_head[0]
         net.segmentation_head[0] = (
-            nn.Sequential(nn.Conv2d(conv.in_channels, conv.in_channels, 3, padding=1, groups=conv.in_channels,
-                                    bias=False), nn.BatchNorm2d(conv.in_channels),
-                          nn.Conv2d(conv.in_channels, conv.out_channels, 1))
-            if separable_head else nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2))
+            separable_head_conv(conv.in_channels, conv.out_channels) if separable_head
+            else nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2))
         smp_init.initialize_head(net.segmentation_head)
     for block in list(net.decoder.blocks)[len(net.decoder.blocks) - separable_stages:] if separable_stages else []:
         block.conv1 = separable_conv_relu(block.conv1[0].in_channels, block.conv1[0].out_channels)
