@@ -18,7 +18,9 @@ decoder (32, 16, 16, 16, 16)                                       (0.26-0.30 / 
 The student has 19x fewer parameters but is only 3-4x faster: the two 16-channel convolutions of the last decoder
 stage and the segmentation head run at full resolution in both models and cost the same there (about 1.4 ms each
 for 7 x 96 x 96 at 2 threads, whatever their channel count: memory-bound). A student without that stage (logits
-upsampled from half resolution) was 0.22 of the teacher but measured worse and less stable on M&Ms (README).
+upsampled from half resolution) was 0.22 of the teacher but measured worse and less stable on M&Ms (README); so
+were lighter versions of that stage (``separable_stages``, ``separable_head``, ``head_kernel``: 0.19-0.24 of the
+teacher).
 
 Depthwise convolutions (MobileNet) slow down badly when torch threads outnumber free cores: use one thread per
 free core (``OMP_NUM_THREADS``).
