@@ -413,7 +413,7 @@ class MMSPipeline(Pipeline):
         ``(1, K, 1 or H, 1 or W, Z)``. When a slice is exactly one window (``preprocess`` crops and pads every volume
         to ``data.roi``) sliding-window inference reduces to the network on the slices in batches of
         ``eval.sw_batch_size`` (one window, weight 1, count 1): that is run directly, without the window
-        bookkeeping (0.6-0.7 ms a volume, issue 17); any other size goes through ``SliceInferer``."""
+        bookkeeping (about 1.2 ms a volume, issue 17); any other size goes through ``SliceInferer``."""
         roi = tuple(int(r) for r in self.dcfg["roi"])
         if volume.ndim != 4 or tuple(volume.shape[1:3]) != roi:
             return self.inferer(volume[None], _spatial_outputs(predict))
