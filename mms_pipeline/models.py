@@ -171,14 +171,18 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
     return net
 
 
+def _depthwise3x3_bn(channels: int) -> list[nn.Module]:
+    """Depthwise 3 x 3 convolution (no bias) and its BatchNorm: the first half of a separable convolution."""
+    return [nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels)]
+
+
 def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     """A depthwise-separable stand-in for smp's ``Conv2dReLU`` 3 x 3 (MobileNet's block): depthwise 3 x 3, BatchNorm,
     ReLU, pointwise 1 x 1, BatchNorm, ReLU. Both BatchNorms fold into their convolutions at inference
     (:mod:`groupdistil.fold`)."""
-    block = nn.Sequential(
-        nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False), nn.BatchNorm2d(in_channels),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+    block = nn.Sequential(*_depthwise3x3_bn(in_channels), nn.ReLU(inplace=True),
+                          nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
+                          nn.ReLU(inplace=True))
     smp_init.initialize_decoder(block)
     return block
 
@@ -186,8 +190,7 @@ def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 def separable_head_conv(in_channels: int, classes: int) -> nn.Sequential:
     """The segmentation head's 3 x 3 convolution factored as depthwise 3 x 3, BatchNorm, 1 x 1 to the classes (no
     activation between: a low-rank 3 x 3 convolution, still a 3 x 3 view of the last features)."""
-    return nn.Sequential(nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
-                         nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, classes, 1))
+    return nn.Sequential(*_depthwise3x3_bn(in_channels), nn.Conv2d(in_channels, classes, 1))
 
 
 def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
@@ -196,7 +199,8 @@ def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
     pass no longer include them). Other encoders are left as they are."""
     model = getattr(encoder, "model", None)
     stages = getattr(model, "_stage_out_idx", None)
-    if isinstance(getattr(model, "blocks", None), nn.Sequential) and stages and getattr(model, "feature_hooks", 1) is None:
+    runs_blocks_itself = getattr(model, "feature_hooks", 1) is None  # with hooks, timm reads features differently
+    if isinstance(getattr(model, "blocks", None), nn.Sequential) and stages and runs_blocks_itself:
         model.blocks = model.blocks[:max(stages)]
 
 
@@ -268,12 +272,11 @@ def _benchmark(threads: int = 1) -> None:
     torch.set_num_threads(threads)
     configs = Path(__file__).resolve().parents[1] / "configs"
     models = {}
+    from mms_pipeline.pipeline import MMSPipeline  # (the pipeline imports this module)
+
     for role, name in (("teacher", "mms_teacher.yaml"), ("student", "mms.yaml")):
-        m = yaml.safe_load((configs / name).read_text())["model"]
-        models[role] = (m, build_unet(m["encoder"], m["decoder_channels"], {"seg": 4},
-                                      head_kernel=m.get("head_kernel", 3),
-                                      separable_stages=m.get("separable_stages", 0),
-                                      separable_head=m.get("separable_head", False)))
+        cfg = MMSPipeline.with_defaults(yaml.safe_load((configs / name).read_text()))
+        models[role] = (cfg["model"], MMSPipeline.build_model(cfg))  # the network the config's runs train
     x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
     target = torch.randint(0, 4, (16, 96, 96))
     infer: dict[str, list[float]] = {role: [] for role in models}
