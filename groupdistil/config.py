@@ -10,8 +10,9 @@ import copy
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -287,7 +288,7 @@ def resolve_config(path: str | Path, overrides: dict[str, Any] | None = None, pi
     if notes is not None:
         notes += [f"{path}: method_args.{k} is not a hyperparameter of method '{cfg['method']}' (left out of this "
                   f"run's config)" for k in dropped]
-    check_ranges(cfg, source)
+    check_ranges(cfg, source, pipeline_cls)
     return cfg
 
 
@@ -334,46 +335,87 @@ def _positive(v: Any) -> bool:
     return v > 0
 
 
-#: allowed values of engine keys: (dotted key, test, what is allowed)
-RANGES: list[tuple[str, Any, str]] = [
-    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
-    ("loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("loss.tau", _positive, "> 0"),
-    ("loss.lambda_dice", lambda v: v >= 0, ">= 0"),
-    ("loss.lambda_ce", lambda v: v >= 0, ">= 0"),
-    ("loss.lambda_kd", lambda v: v >= 0, ">= 0"),
-    ("train.max_steps", lambda v: v >= 1, ">= 1"),
-    ("train.batch_size", lambda v: v >= 1, ">= 1"),
-    ("train.optimizer", lambda v: v in ("sgd", "adamw"), "sgd or adamw"),
-    ("train.lr", _positive, "> 0"),
-    ("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("train.schedule", lambda v: v in ("constant", "cosine", "linear"), "constant, cosine or linear"),
-    ("train.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 disables)"),
-    ("train.eval_every", lambda v: v >= 1, ">= 1"),
-    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
-    ("train.log_every", lambda v: v >= 1, ">= 1"),
-    ("train.num_workers", lambda v: v >= 0, ">= 0"),
-    ("train.num_threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
-    ("train.device", lambda v: v in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
-    ("train.teacher_cache", lambda v: v in ("auto", "off"), "auto or off"),
-    ("train.selection", lambda v: v in SELECTIONS, "worst_group, average or worst_class"),
-    ("grouping.mode", lambda v: v in ("labels", "error", "kmeans"), "labels, error or kmeans"),
-    ("grouping.k", lambda v: v >= 2, ">= 2"),
-    ("grouping.seed", lambda v: v >= 0, ">= 0"),
-]
+@dataclass(frozen=True)
+class Rule:
+    """One allowed-values rule of a config key, declared once where the key is (engine: :data:`RANGES`; a
+    pipeline: its ``rules``) and checked by :func:`check_rules` before anything is built or written.
+
+    ``ok`` receives the key's value, or the whole config when ``whole`` (rules that tie two keys together);
+    ``allowed`` says what is allowed, in words that complete "it must be ...".
+    """
+
+    key: str
+    ok: Callable[[Any], bool]
+    allowed: str
+    whole: bool = False
 
 
-def check_ranges(cfg: dict[str, Any], source: str) -> None:
-    """Every engine value in its allowed range (types were checked by :func:`validate`); one error naming the key."""
+def one_of(*values: Any) -> Callable[[Any], bool]:
+    """A test for ``Rule``: the value is one of ``values``."""
+    return lambda v: v in values
+
+
+#: allowed values of engine keys
+RANGES: tuple[Rule, ...] = (
+    Rule("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+    Rule("loss.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    Rule("loss.tau", _positive, "> 0"),
+    Rule("loss.lambda_dice", lambda v: v >= 0, ">= 0"),
+    Rule("loss.lambda_ce", lambda v: v >= 0, ">= 0"),
+    Rule("loss.lambda_kd", lambda v: v >= 0, ">= 0"),
+    Rule("train.max_steps", lambda v: v >= 1, ">= 1"),
+    Rule("train.batch_size", lambda v: v >= 1, ">= 1"),
+    Rule("train.optimizer", one_of("sgd", "adamw"), "sgd or adamw"),
+    Rule("train.lr", _positive, "> 0"),
+    Rule("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    Rule("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    Rule("train.schedule", one_of("constant", "cosine", "linear"), "constant, cosine or linear"),
+    Rule("train.warmup_steps", lambda v: v >= 0, ">= 0"),
+    Rule("train.grad_clip", lambda v: v >= 0, ">= 0 (0 disables)"),
+    Rule("train.eval_every", lambda v: v >= 1, ">= 1"),
+    Rule("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    Rule("train.log_every", lambda v: v >= 1, ">= 1"),
+    Rule("train.num_workers", lambda v: v >= 0, ">= 0"),
+    Rule("train.num_threads", lambda v: v >= 0, ">= 0 (0: torch's default)"),
+    Rule("train.device", one_of("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+    Rule("train.teacher_cache", one_of("auto", "off"), "auto or off"),
+    Rule("train.selection", one_of(*SELECTIONS), "worst_group, average or worst_class"),
+    Rule("grouping.mode", one_of("labels", "error", "kmeans"), "labels, error or kmeans"),
+    Rule("grouping.k", lambda v: v >= 2, ">= 2"),
+    Rule("grouping.seed", lambda v: v >= 0, ">= 0"),
+)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with its type and length when cut (a value in an error message
+    can be any size)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f", length {len(value)}" if hasattr(value, "__len__") else ""
+    return f"{text[:limit]}... ({type(value).__name__}{size})"
+
+
+def check_rules(cfg: dict[str, Any], source: str, rules: tuple[Rule, ...] | list[Rule] = RANGES) -> None:
+    """Every rule holds (types were checked by :func:`validate`); else one error naming the key and what is
+    allowed. A key absent from ``cfg`` or set to None is not checked."""
     import math
 
     flat = flatten(cfg)
-    for key, ok, allowed in RANGES:
-        if key not in flat or flat[key] is None:
+    for rule in rules:
+        v = flat.get(rule.key)
+        if v is None and not rule.whole:
             continue
-        v = flat[key]
-        finite = not isinstance(v, float) or math.isfinite(v)
-        if not finite or not ok(v):
-            raise UserError(f"{source}: {key} = {v!r} is not allowed; it must be {allowed}")
+        try:
+            good = rule.ok(cfg if rule.whole else v)
+        except (TypeError, ValueError, KeyError, IndexError):
+            good = False
+        if good and isinstance(v, float) and not math.isfinite(v):
+            good = False
+        if not good:
+            raise UserError(f"{source}: {rule.key} = {short_repr(v)} is not allowed; it must be {rule.allowed}")
+
+
+def check_ranges(cfg: dict[str, Any], source: str, pipeline_cls: Any = None) -> None:
+    """The engine's :data:`RANGES` and, given a pipeline class, its ``rules``."""
+    check_rules(cfg, source, RANGES + tuple(getattr(pipeline_cls, "rules", ()) or ()))

@@ -31,21 +31,20 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .config import Rule, check_rules
 from .errors import UserError
-from .teacher import TeacherRecord
+from .runtime import Predictor
 
 ENTRY_POINT_GROUP = "groupdistil.pipelines"
-
-Predictor = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class GroupBreakdown:
-    """Per-group test values of one finished run by structure (:meth:`Pipeline.group_breakdown`), for the
+    """Per-group test values of one finished run by structure (:meth:`ComparisonHooks.group_breakdown`), for the
     comparison report's table per structure and group.
 
     ``values[group][column]`` (NaN when the run has none), ``n[group]`` the number of test units
-    (:attr:`Pipeline.case_unit`) of each group; ``columns`` with ``higher_is_better`` and ``digits`` of each;
+    (:attr:`ComparisonHooks.case_unit`) of each group; ``columns`` with ``higher_is_better`` and ``digits`` of each;
     ``grouping`` names the groups (``vendor``, ``centre``); ``note`` says how the values are computed."""
 
     grouping: str
@@ -57,18 +56,64 @@ class GroupBreakdown:
     note: str = ""
 
 
+class ComparisonHooks:
+    """What ``groupdistil compare`` asks of a pipeline's finished runs beyond their ``metrics.json`` (all optional:
+    these defaults give a report with the per-group metric only). A pipeline sets ``comparison`` to a subclass."""
+
+    #: what one score of :meth:`case_scores` stands for, named in the comparison reports ("n = subjects")
+    case_unit: ClassVar[str] = "cases"
+
+    @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        """One or two sentences saying what ``worst_group_metric`` and ``average_metric`` measure under ``cfg``;
+        "" for a generic sentence."""
+        return ""
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None.
+
+        Each score must be one independent unit (:attr:`case_unit`): the Wilcoxon test counts one pair per id. A
+        pipeline whose cases are clustered (several volumes of one subject) averages them per cluster here. Ids
+        that still share the text before the first space are resampled together by the bootstrap
+        (:func:`groupdistil.stats.case_unit`)."""
+        return None
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """The test values of a finished run per group and structure (e.g. Dice and HD95 of LV, MYO, RV per
+        vendor); None when the pipeline has no structures."""
+        return None
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        """How reports show a group of a run with config ``cfg`` (e.g. ``A (Siemens)`` for a vendor letter)."""
+        return str(group)
+
+
 class Pipeline(abc.ABC):
-    """One dataset: its data, its models, its evaluation and its report."""
+    """One dataset: its data and groups, its model, the evaluation of one model, its report, its synthetic copy.
+
+    What a pipeline must provide is abstract; everything else is an optional hook with a default that works.
+    """
 
     name: ClassVar[str]
     #: defaults of the pipeline's config sections: ``{"data": {...}, "model": {...}, "eval": {...}}``
     defaults: ClassVar[dict[str, dict[str, Any]]]
+    #: allowed values of the pipeline's keys, checked with the engine's before anything is built or written
+    rules: ClassVar[tuple[Rule, ...]] = ()
+    #: the config keys (sections or dotted keys) a model's evaluation depends on besides its weights: a student whose
+    #: values equal its teacher run's, on the same data, reports the teacher's recorded evaluation
+    evaluation_keys: ClassVar[tuple[str, ...]] = ("data", "eval")
     #: glob patterns of the files and folders a run of this pipeline writes into RUN_DIR besides the engine's own
     #: (per-case tables, predictions, figures); ``run --force`` removes exactly these and the engine's
     run_outputs: ClassVar[tuple[str, ...]] = ()
+    #: what ``groupdistil compare`` reads of this pipeline's runs besides ``metrics.json``
+    comparison: ClassVar[type[ComparisonHooks]] = ComparisonHooks
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         self.cfg = self.with_defaults(cfg)
+        check_rules(self.cfg, "config", self.rules)
         self.data_root = Path(data_root)
 
     @classmethod
@@ -80,16 +125,11 @@ class Pipeline(abc.ABC):
         """
         return {**cfg, **{sec: {**vals, **(cfg.get(sec) or {})} for sec, vals in cls.defaults.items()}}
 
-    # --- data -------------------------------------------------------------------------------------------------
+    # --- data (required) --------------------------------------------------------------------------------------
     @property
     @abc.abstractmethod
     def group_names(self) -> list[str]:
         """Names of the groups, in index order."""
-
-    @property
-    @abc.abstractmethod
-    def train_group_counts(self) -> list[int]:
-        """Number of training samples (as the training dataset counts them) of each group."""
 
     @abc.abstractmethod
     def train_dataset(self) -> Dataset:
@@ -98,6 +138,16 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def train_groups(self) -> torch.Tensor:
         """Group index of every training sample, long ``(N,)`` (for group-balanced sampling)."""
+
+    @abc.abstractmethod
+    def train_is_random(self) -> bool:
+        """True when training samples are randomly augmented (then teacher outputs cannot be cached)."""
+
+    # --- data (optional) --------------------------------------------------------------------------------------
+    @property
+    def train_group_counts(self) -> list[int]:
+        """Number of training samples of each group."""
+        return torch.bincount(self.train_groups(), minlength=len(self.group_names)).tolist()
 
     def class_names(self) -> list[str] | None:
         """Names of the classes of the ``cls`` head, for inferred groups within each class (None: not known)."""
@@ -108,10 +158,6 @@ class Pipeline(abc.ABC):
         together (the ``heldout`` signal). Default: every sample its own case."""
         return [str(i) for i in range(sum(self.train_group_counts))]
 
-    @abc.abstractmethod
-    def train_is_random(self) -> bool:
-        """True when training samples are randomly augmented (then teacher outputs cannot be cached)."""
-
     def fingerprint(self) -> str:
         """A short string that changes when the data changes (used to refuse resuming on other data)."""
         return ""
@@ -120,17 +166,15 @@ class Pipeline(abc.ABC):
         """A teacher made elsewhere, given as its saved probabilities (``--teacher SOURCE``): ``{head: p}`` with ``p``
         float ``(N, K[, H, W])`` the teacher's class probabilities of every training sample, in training-set order
         (index ``i`` is :meth:`train_dataset` sample ``i``, as the network input ``x`` is after preprocessing), for
-        each head they cover. The engine distils ``log p`` as the teacher's logits through the teacher cache
-        (:meth:`groupdistil.teacher.Teacher.from_probabilities`).
+        each head they cover. The engine distils ``log p`` as the teacher's logits (:mod:`groupdistil.teacher`).
 
         Every problem is a UserError naming the file (and row): a missing or extra case, a wrong shape, values that
         are not probabilities (:func:`groupdistil.teacher.probabilities_problem`), training inputs that would no
-        longer match the saved probabilities (random augmentation). Nothing may be unpickled. Optional: the default
-        refuses."""
+        longer match the saved probabilities (random augmentation). Nothing may be unpickled. The default refuses."""
         raise UserError(f"{source}: this pipeline cannot read teacher probabilities (pipeline '{self.name}'); give "
                         f"--teacher a teacher run folder, checkpoint or TorchScript file")
 
-    # --- models -----------------------------------------------------------------------------------------------
+    # --- model ------------------------------------------------------------------------------------------------
     @property
     @abc.abstractmethod
     def heads(self) -> dict[str, int]:
@@ -153,70 +197,30 @@ class Pipeline(abc.ABC):
         ``input_shape`` (C, H, W) for export."""
         return {}
 
-    @classmethod
-    def metric_note(cls, cfg: dict[str, Any]) -> str:
-        """One or two sentences saying what ``worst_group_metric`` and ``average_metric`` measure under ``cfg``
-        (shown in comparison reports); "" for a generic sentence."""
-        return ""
-
-    #: what one score of :meth:`case_scores` stands for, named in the comparison reports ("n = subjects")
-    case_unit: ClassVar[str] = "cases"
-
-    @classmethod
-    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """``(case id, group, score)`` of each test case of a finished run, for paired per-case tests; or None.
-
-        Each score must be one independent unit (:attr:`case_unit`): the Wilcoxon test counts one pair per id. A
-        pipeline whose cases are clustered (several volumes of one subject) averages them per cluster here. Ids
-        that still share the text before the first space are resampled together by the bootstrap
-        (:func:`groupdistil.stats.case_unit`)."""
-        return None
-
-    @classmethod
-    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
-        """The test values of a finished run per group and structure (e.g. Dice and HD95 of LV, MYO, RV per
-        vendor), for the comparison report; None (the default) when the pipeline has no structures: the comparison
-        then shows its per-group metric only."""
-        return None
-
-    @classmethod
-    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
-        """How reports show a group of a run with config ``cfg`` (e.g. ``A (Siemens)`` for a vendor letter)."""
-        return str(group)
-
     # --- evaluation -------------------------------------------------------------------------------------------
     @abc.abstractmethod
-    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
-                 teacher: Predictor | TeacherRecord | None = None) -> dict[str, Any]:
-        """Evaluate on ``split`` (``"val"`` or ``"test"``).
+    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None) -> dict[str, Any]:
+        """Evaluate one model on ``split`` (``"val"`` or ``"test"``); every process evaluates its shard.
 
         Returns JSON-serialisable metrics with at least ``worst_group_metric`` (higher is better; model selection
         uses it on ``val``), ``average_metric`` and ``group_metric`` (``{group name: value}``, the per-group metric
-        whose minimum is ``worst_group_metric``). An optional ``timing`` entry (seconds:
-        ``infer_seconds_per_case`` and ``teacher_infer_seconds_per_case``, a case being a volume for M&Ms and an
-        image for Waterbirds) is moved by the trainer into ``timing.json`` and the report's ``info``, so
-        ``metrics.json`` stays identical between identical runs. When ``out_dir`` is given, per-case files are
-        written there
-        (atomically). ``teacher``, when given, is evaluated alongside where the pipeline reports it; a
-        :class:`~groupdistil.teacher.TeacherRecord` (only given to a pipeline whose :meth:`load_teacher_record`
-        accepted it) is the teacher's recorded evaluation on this data with these settings, reported instead of
-        running the teacher, with the same content (its ``metrics[split]`` under ``teacher``, its
-        ``infer_seconds_per_case`` as ``teacher_infer_seconds_per_case``).
+        whose minimum is ``worst_group_metric``), and two entries the engine takes out: ``timing`` (seconds:
+        ``infer_seconds_per_case``, a case being a volume for M&Ms and an image for Waterbirds; it goes to
+        ``timing.json`` so ``metrics.json`` stays identical between identical runs) and, optionally, ``outputs``:
+        the predicted class of every case in split order (int array), from which the engine computes the
+        student's agreement with the teacher. When ``out_dir`` is given, per-case files are written there
+        (atomically). The teacher's row is the engine's (:mod:`groupdistil.teacher`).
         """
 
-    @classmethod
-    def evaluation_config(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        """What a model's evaluation depends on in a run config besides its weights (which cases, groups and metrics,
-        how inference runs): a student whose value equals its teacher run's, on the same data, reports the
-        teacher's recorded evaluation (:meth:`load_teacher_record`). Default: the ``data`` and ``eval`` sections."""
-        cfg = cls.with_defaults(cfg)
-        return {"data": cfg.get("data"), "eval": cfg.get("eval")}
-
-    def load_teacher_record(self, record: TeacherRecord) -> TeacherRecord | None:
-        """Accept a teacher's recorded evaluation (checked by the engine: same data, same :meth:`evaluation_config`,
-        same device and precision), completed with whatever else :meth:`evaluate` reads from the teacher's folder
-        (``record.cases``); None keeps evaluating the teacher by running it. Default: None (not supported)."""
+    def recorded_outputs(self, run_dir: Path, split: str) -> Any:
+        """The ``outputs`` (see :meth:`evaluate`) of a finished run's selected model as its per-case files hold
+        them, or None when they are missing or do not fit this data (a teacher's recorded evaluation is then not
+        used). Only read for a pipeline whose :meth:`evaluate` gives ``outputs``."""
         return None
+
+    def add_teacher_outputs(self, out_dir: Path, split: str, outputs: Any) -> None:
+        """Add the teacher's ``outputs`` (see :meth:`evaluate`) to the per-case files :meth:`evaluate` wrote into
+        ``out_dir`` (main process only). Default: nothing."""
 
     def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
         """Score predictions made elsewhere (``groupdistil evaluate``) on ``split`` as :meth:`evaluate` scores a
@@ -234,6 +238,18 @@ class Pipeline(abc.ABC):
     @abc.abstractmethod
     def synthesize(cls, out: Path, seed: int = 0, **options: Any) -> None:
         """Write a synthetic dataset in the real release's layout under ``out``."""
+
+
+def evaluation_values(pipeline_cls: type[Pipeline], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The values of the pipeline's :attr:`~Pipeline.evaluation_keys` in a run config (defaults filled)."""
+    from .config import flatten
+
+    cfg = pipeline_cls.with_defaults(cfg)
+    flat = flatten(cfg)
+    out: dict[str, Any] = {}
+    for key in pipeline_cls.evaluation_keys:
+        out[key] = cfg.get(key) if "." not in key else flat.get(key)
+    return out
 
 
 def pipeline_names() -> list[str]:
