@@ -84,6 +84,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finish_subcommand(parser: argparse.ArgumentParser, func: Callable[[argparse.Namespace], int],
+                       force: str | None = None) -> None:
+    """The options every subcommand ends with: ``--force`` (with this help, where the subcommand has one), ``--debug``
+    (also accepted after the subcommand), and the function that runs it."""
+    if force is not None:
+        parser.add_argument("--force", action="store_true", help=force)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    parser.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="groupdistil", description="Group-robust knowledge distillation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -100,10 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-steps", type=int)
     r.add_argument("--checkpoint-every", type=int)
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=0.01")
-    r.add_argument("--force", action="store_true",
-                   help="start the run folder over: remove everything the run wrote there, then train")
-    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    r.set_defaults(func=cmd_run)
+    _finish_subcommand(r, cmd_run,
+                       force="start the run folder over: remove everything the run wrote there, then train")
 
     s = sub.add_parser("synth", help="write a synthetic dataset in the real layout")
     s.add_argument("pipeline", help="mms | waterbirds")
@@ -111,10 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="a synthesis option, e.g. train_counts={A: 30, B: 3} (mms) or scale=0.1 (waterbirds)")
-    s.add_argument("--force", action="store_true",
-                   help="replace a synthetic data set written earlier into --out (never a folder with other content)")
-    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    s.set_defaults(func=cmd_synth)
+    _finish_subcommand(s, cmd_synth, force="replace a synthetic data set written earlier into --out (never a folder "
+                                           "with other content)")
 
     c = sub.add_parser("compare", help="run a grid of methods x seeds (x parameter values) and a statistical report")
     c.add_argument("experiment", help="experiment YAML (see 'groupdistil.experiments.schema' docs for the keys)")
@@ -129,14 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reuse", action="append", metavar="DIR",
                    help="another comparison folder: its finished runs with the very same resolved config (data "
                         "and teacher included) are copied in instead of trained again (repeatable)")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    c.set_defaults(func=_lazy(".experiments.cli", "cmd_compare"))
+    _finish_subcommand(c, _lazy(".experiments.cli", "cmd_compare"))
 
     e = sub.add_parser("export", help="export the selected model of a run (TorchScript or ONNX)")
     e.add_argument("run_dir")
     e.add_argument("--format", default="torchscript", choices=["torchscript", "onnx"])
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    e.set_defaults(func=_lazy(".export", "cmd_export"))
+    _finish_subcommand(e, _lazy(".export", "cmd_export"))
 
     v = sub.add_parser("evaluate", help="score predictions made elsewhere (per-case files, metrics.json, report)")
     v.add_argument("--pred", required=True,
@@ -146,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True, help="output folder (new, empty, or an earlier evaluation's)")
     v.add_argument("--split", default="test", choices=["val", "test"], help="the split the predictions are of")
     v.add_argument("--config", help="run config (configs/*.yaml or a run's config.yaml) giving the data settings")
-    v.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    v.set_defaults(func=_lazy(".evaluate", "cmd_evaluate"))
+    _finish_subcommand(v, _lazy(".evaluate", "cmd_evaluate"))
     return p
 
 

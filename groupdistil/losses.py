@@ -4,7 +4,7 @@ batch, so the group weighting can form per-group means.
 - :func:`kd_term`: ``tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))``, softmax over dim 1, averaged over
   any spatial positions (per-pixel KD for segmentation maps).
 - :func:`per_sample_ce`: cross-entropy, averaged over any spatial positions.
-- :func:`per_sample_dice`: soft Dice loss of MONAI ``DiceLoss(reduction="none")`` averaged over the foreground
+- :class:`SoftDice`: soft Dice loss of MONAI ``DiceLoss(reduction="none")`` averaged over the foreground
   classes.
 """
 from __future__ import annotations
@@ -60,10 +60,6 @@ class SoftDice:
             target = target.unsqueeze(1)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         return self._dice(logits.to(dtype), target).flatten(1).mean(1)
-
-
-def per_sample_dice(logits: Tensor, target: Tensor) -> Tensor:
-    return SoftDice()(logits, target)
 
 
 class ClassificationLoss:

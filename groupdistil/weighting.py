@@ -46,12 +46,6 @@ def reduced_group_means(losses: Tensor, groups: Tensor, n_groups: int,
     return sums, stats[0] / stats[1].clamp_min(1), stats[1]
 
 
-def group_means(losses: Tensor, groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
-    """Per-group means (0 for absent groups) and counts, in one process."""
-    _, means, counts = reduced_group_means(losses, groups, n_groups)
-    return means, counts
-
-
 class GroupWeights(nn.Module):
     """Group weights ``q`` (stored as ``log q``, a buffer, so they are part of every checkpoint)."""
 

@@ -186,12 +186,14 @@ def test_case_pairing_and_wilcoxon_match_hand_computation():
     seed1_b = [("c1", "g", 0.9), ("c4", "g", 0.6), ("c2", "g", 0.1)]
     ids, xa, xb = pair_cases([seed0_a, seed1_a], [seed0_b, seed1_b], "g")
     assert ids == ["c1", "c2", "c4"]
-    assert_allclose(xa, [0.8, 0.6, 0.2]) and assert_allclose(xb, [0.8, 0.5, 0.6])
+    assert_allclose(xa, [0.8, 0.6, 0.2])
+    assert_allclose(xb, [0.8, 0.5, 0.6])
     w = wilcoxon_paired([1.0, 2.0, 3.0, 4.0, 5.0], [0.9, 2.3, 2.7, 3.6, 4.5])  # d = .1 -.3 .3 .4 .5
     # ranks of |d|: .1->1, .3->2.5, .3->2.5, .4->4, .5->5; W+ = 12.5, W- = 2.5; statistic = min = 2.5
     assert w.n == 5 and w.test.startswith("Wilcoxon")
     assert_allclose(w.statistic, 2.5)
-    assert_allclose(w.mean_diff, 0.2) and assert_allclose(w.median_diff, 0.3)
+    assert_allclose(w.mean_diff, 0.2)
+    assert_allclose(w.median_diff, 0.3)
     assert 0.0 < w.p < 1.0
     assert math.isnan(wilcoxon_paired([1.0, 2.0], [1.0, 2.0]).p)
 
@@ -312,6 +314,7 @@ def test_parallel_jobs_train_the_same_runs_as_one_process(tmp_path):
     run_comparison(exp, tmp_path / "data", tmp_path / "two", pipeline_cls=ToyPipeline, overrides=over, jobs=2)
     one, two = read_csv(tmp_path / "one" / "runs.csv"), read_csv(tmp_path / "two" / "runs.csv")
     assert [r["method"] for r in two] == ["teacher", "kd", "groupdistil", "kd", "groupdistil"]
+    assert len(one) == len(two)
     for a, b in zip(one, two):
         assert {k: v for k, v in a.items() if k != "run_dir"} == {k: v for k, v in b.items() if k != "run_dir"}
         assert (tmp_path / "one" / a["run_dir"] / "train_log.jsonl").read_bytes() == \
@@ -394,10 +397,10 @@ def test_pretraining_stage_runs_once_and_its_weights_start_teacher_and_students(
     assert "0 missing" in init_from(net, out / "pretrain" / "net")
     assert all(torch.equal(net.state_dict()[k], v) for k, v in pre.items())
 
-    starts.clear()
+    done = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
+    assert len(done) == 4  # the pretraining run, the teacher and the two students
     run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)  # nothing to train again
-    done = {p.parent.name: p.stat().st_mtime_ns for p in out.rglob("metrics.json")}
-    assert all(p.stat().st_mtime_ns == done[p.parent.name] for p in out.rglob("metrics.json"))
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} == done
 
     bad = write_experiment(tmp_path, set={"model.init_from": "pretrain:other"}, methods=["erm"],
                            pretrain={"config": str(tmp_path / "toy.yaml"), "data_root": str(tmp_path / "corpus"),

@@ -11,7 +11,6 @@ from groupdistil.losses import (
     TaskLoss,
     kd_term,
     per_sample_ce,
-    per_sample_dice,
 )
 
 
@@ -76,13 +75,17 @@ def test_per_sample_ce_matches_torch():
     assert_close(per_sample_ce(logits, target), expected)
 
 
-def test_per_sample_dice_matches_monai_per_sample():
+def test_segmentation_dice_term_matches_monai_per_sample():
+    """The Dice term of SegmentationLoss is MONAI's foreground soft Dice of each sample on its own, for label maps
+    given as (B, 1, H, W) or (B, H, W)."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64)
     target = torch.randint(0, 4, (4, 1, 8, 8), generator=g)
     ref = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)  # mean over classes of one sample
     expected = torch.stack([ref(logits[i:i + 1], target[i:i + 1]) for i in range(4)])
-    assert_close(per_sample_dice(logits, target), expected)
+    loss = SegmentationLoss()
+    assert_close(loss(logits, target, None)["dice"], expected)
+    assert_close(loss(logits, target[:, 0], None)["dice"], expected)
 
 
 def test_classification_loss_combination():

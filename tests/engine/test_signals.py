@@ -55,8 +55,8 @@ def test_heldout_cases_are_never_drawn_and_whole():
     groups = torch.tensor([(i // 5) % 3 for i in range(200)])
     held = heldout_split(cases, groups, 0.2, seed=3)
     held_cases = {cases[i] for i in held.tolist()}
-    assert all(cases[i] in held_cases for i in range(200) if cases[i] in held_cases)  # whole cases
-    assert {cases[i] for i in range(200) if i in set(held.tolist())} == held_cases
+    # whole cases: the held-out samples are exactly every sample of the held-out cases, each once
+    assert {i for i in range(200) if cases[i] in held_cases} == set(held.tolist())
     assert len(held) == 5 * len(held_cases)
     for g in range(3):  # 20% of each group's cases, at least one
         n_cases = len({cases[i] for i in range(200) if int(groups[i]) == g})

@@ -95,7 +95,8 @@ def test_holm_matches_hand_computation():
     assert_allclose(holm(p), [0.06, 0.04, 0.06, 0.06])
     # NaN stays NaN and is not counted in m (m = 2 here): 0.2 x 2 = 0.4, then max(0.4, 0.6 x 1) = 0.6
     out = holm([0.6, math.nan, 0.2])
-    assert_allclose(out[[0, 2]], [0.6, 0.4]) and math.isnan(out[1])
+    assert_allclose(out[[0, 2]], [0.6, 0.4])
+    assert math.isnan(out[1])
     assert_allclose(holm([0.6, 0.7]), [1.0, 1.0])  # 0.6 x 2 = 1.2, capped at 1
     assert holm([]).shape == (0,) and math.isnan(holm([math.nan])[0])
     # ties keep input order and give the same adjusted value

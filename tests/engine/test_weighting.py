@@ -3,19 +3,26 @@ import math
 import torch
 from torch.testing import assert_close
 
-from groupdistil.weighting import GroupWeights, group_means, group_sums
+from groupdistil.weighting import GroupWeights, group_sums, reduced_group_means
 
 
 def test_group_means_match_python_loop():
+    """The group sums, means (0 for an absent group) and counts of reduced_group_means, and the ones GroupWeights
+    logs, equal a Python loop over the samples."""
     g = torch.Generator().manual_seed(0)
     losses = torch.rand(50, generator=g, dtype=torch.float64)
     groups = torch.randint(0, 5, (50,), generator=g)
     groups[groups == 3] = 2  # group 3 absent
-    means, counts = group_means(losses, groups, 5)
+    sums, means, counts = reduced_group_means(losses, groups, 5)
+    _, logs = GroupWeights(5, eta=0.1)(losses, groups)
+    members = [[losses[i].item() for i in range(50) if groups[i].item() == k] for k in range(5)]
+    assert members[3] == [] and all(members[k] for k in (0, 1, 2, 4))
     for k in range(5):
-        members = [losses[i].item() for i in range(50) if groups[i].item() == k]
-        assert counts[k].item() == len(members)
-        assert math.isclose(means[k].item(), sum(members) / len(members) if members else 0.0, rel_tol=1e-12)
+        want = sum(members[k]) / len(members[k]) if members[k] else 0.0
+        assert counts[k].item() == len(members[k]) == logs["group_count"][k].item()
+        assert math.isclose(sums[k].item(), sum(members[k]), rel_tol=1e-12)
+        assert math.isclose(means[k].item(), want, rel_tol=1e-12)
+        assert math.isclose(logs["group_loss"][k].item(), want, rel_tol=1e-6)  # GroupWeights works in float32
 
 
 def test_one_eg_step_by_hand():
@@ -23,7 +30,10 @@ def test_one_eg_step_by_hand():
     losses = torch.tensor([1.0, 3.0, 2.0, 2.0])
     groups = torch.tensor([0, 0, 1, 2])
     _, logs = w(losses, groups)
-    # l = (2, 2, 2)... make them differ:
+    # l = (2, 2, 2): every weight moves by the same factor exp(0.5 * 2), so q stays uniform
+    assert_close(logs["group_loss"], torch.tensor([2.0, 2.0, 2.0]))
+    assert_close(logs["group_weight"], torch.full((3,), 1 / 3))
+    # group means that differ:
     w = GroupWeights(3, eta=0.5)
     losses = torch.tensor([1.0, 3.0, 4.0, 0.5])
     _, logs = w(losses, groups)
