@@ -24,7 +24,7 @@ COLUMNS = ("img_id", "img_filename", "y", "split", "place", "place_filename")
 SPLITS = ("train", "val", "test")  # codes 0, 1, 2
 CLASS_NAMES = ("landbird", "waterbird")  # y
 SHAPE_COLUMN = "shape"  # optional: the pretraining corpus's object class (data.label: shape)
-N_SHAPES = 14  # its classes (waterbirds_pipeline.synthetic.SHAPE_NAMES)
+N_SHAPES = 14  # its classes (waterbirds_pipeline.shape_images.SHAPE_NAMES)
 PLACE_NAMES = ("land", "water")  # place
 GROUP_NAMES = tuple(f"{c}_{p}" for c in CLASS_NAMES for p in PLACE_NAMES)  # index 2 * y + place
 

@@ -5,7 +5,6 @@ with ``metadata.csv`` or its parent holding ``waterbird_complete95_forest2water2
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import os
 import time
@@ -18,17 +17,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from groupdistil import distributed as dist_utils
+from groupdistil.config import Rule, check_rules, one_of
 from groupdistil.errors import UserError
-from groupdistil.pipeline import Pipeline, Predictor
-from groupdistil.teacher import TeacherRecord
+from groupdistil.pipeline import Pipeline
+from groupdistil.runtime import Predictor
 
 from . import metadata, report, synthetic
 from .data import IMAGENET_MEAN, IMAGENET_STD, ImageStore, WaterbirdsDataset, resize_size, tensor_transform
 from .metrics import accuracy_summary
 from .models import build_model
+from .report import PREDICTIONS, WaterbirdsComparison
+from .shape_images import SHAPE_NAMES
+
+__all__ = ["LABELS", "TEACHER_PROBS_CSV", "WaterbirdsComparison", "WaterbirdsPipeline"]
 
 #: the file a folder of saved Waterbirds teacher probabilities holds (``--teacher FOLDER``)
 TEACHER_PROBS_CSV = "teacher_probs.csv"
+#: the classes the model predicts under each ``data.label``: the bird, or the pretraining corpus's object classes
+LABELS: dict[str, tuple[str, ...]] = {"y": metadata.CLASS_NAMES, "shape": SHAPE_NAMES}
 
 
 class WaterbirdsPipeline(Pipeline):
@@ -36,7 +42,8 @@ class WaterbirdsPipeline(Pipeline):
 
     name: ClassVar[str] = "waterbirds"
     #: what a run writes into RUN_DIR besides the engine's files (removed by ``run --force``)
-    run_outputs: ClassVar[tuple[str, ...]] = ("predictions.csv", "group_accuracy_*.png")
+    run_outputs: ClassVar[tuple[str, ...]] = (PREDICTIONS, "group_accuracy_*.png")
+    comparison: ClassVar[type[WaterbirdsComparison]] = WaterbirdsComparison
     defaults: ClassVar[dict[str, dict[str, Any]]] = {
         "data": {
             "image_size": 224,  # crop side; images are first resized to image_size * 256 / 224
@@ -55,16 +62,20 @@ class WaterbirdsPipeline(Pipeline):
             "batch_size": 64,
         },
     }
+    rules: ClassVar[tuple[Rule, ...]] = (
+        Rule("data.image_size", lambda v: v >= 8, ">= 8"),
+        Rule("data.label", one_of(*LABELS), f"y (the bird) or shape (the pretraining corpus's {len(SHAPE_NAMES)} "
+                                            f"object classes)"),
+        Rule("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    )
 
     def __init__(self, cfg: dict[str, Any], data_root: Path) -> None:
         super().__init__(cfg, data_root)
         self.data_cfg = self.cfg["data"]
         self.eval_cfg = self.cfg["eval"]
-        if int(self.data_cfg["image_size"]) < 8 or int(self.eval_cfg["batch_size"]) < 1:
-            raise UserError("data.image_size must be >= 8 and eval.batch_size >= 1")
         self.root = metadata.resolve_root(self.data_root)
         self.meta = metadata.read_metadata(self.root)
-        label = _label(self.cfg)
+        label = self.data_cfg["label"]
         if label == "shape" and self.meta.shape is None:
             raise UserError(f"{self.root / metadata.METADATA}: data.label: shape needs the column "
                             f"'{metadata.SHAPE_COLUMN}' of the pretraining corpus (groupdistil synth waterbirds "
@@ -80,10 +91,6 @@ class WaterbirdsPipeline(Pipeline):
     @property
     def group_names(self) -> list[str]:
         return list(metadata.GROUP_NAMES)
-
-    @property
-    def train_group_counts(self) -> list[int]:
-        return np.bincount(self.train_groups().numpy(), minlength=len(self.group_names)).tolist()
 
     def train_groups(self) -> torch.Tensor:
         return torch.as_tensor(self.meta.group[self.meta.where("train")], dtype=torch.long)
@@ -141,118 +148,98 @@ class WaterbirdsPipeline(Pipeline):
 
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
+        cfg = cls._checked(cfg)
         m = cfg["model"]
         return build_model(str(m["arch"]), bool(m["pretrained"]), len(_class_names(cfg)))
 
-    # --- evaluation -------------------------------------------------------------------------------------------
-    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None,
-                 teacher: Predictor | TeacherRecord | None = None) -> dict[str, Any]:
-        """Accuracies on ``split`` (see :mod:`waterbirds_pipeline.metrics`); the teacher's under ``"teacher"``.
+    @classmethod
+    def _checked(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """``cfg`` with defaults, its values checked by :attr:`rules` (for what is built from a config alone)."""
+        cfg = cls.with_defaults(cfg)
+        check_rules(cfg, "config", cls.rules)
+        return cfg
 
-        Every process evaluates its shard of the split and the predictions are gathered. With ``out_dir``, the
-        main process (re)writes the split's rows of ``out_dir/predictions.csv``, keeping the other split's rows.
-        ``infer_seconds_per_case``: the evaluation's seconds per image without the teacher's forward passes, which
-        are ``teacher_infer_seconds_per_case`` (a recorded teacher: its run's ``infer_seconds_per_case``).
+    # --- evaluation -------------------------------------------------------------------------------------------
+    def evaluate(self, predict: Predictor, split: str, out_dir: Path | None = None) -> dict[str, Any]:
+        """Accuracies of one model on ``split`` (see :mod:`waterbirds_pipeline.metrics`), with ``timing``
+        (``infer_seconds_per_case``: the evaluation's seconds per image, the writing of predictions.csv left out) and
+        ``outputs``: the predicted class of every image of the split, int64 ``(N,)`` in split order.
+
+        Every process evaluates its shard of the split and the predictions are gathered. With ``out_dir``, the main
+        process (re)writes the split's rows of ``out_dir/predictions.csv``, keeping the other split's rows; the
+        teacher's predictions are added by :meth:`add_teacher_outputs`.
         """
-        t0 = time.time()
-        rows = self.meta.where(split)
-        y, group = self.labels[rows], self.meta.group[rows]
-        running = teacher is not None and not isinstance(teacher, TeacherRecord)
-        preds, seconds = self._predict([predict, teacher] if running else [predict], split)  # type: ignore[list-item]
-        counts = self.train_group_counts
-        result = accuracy_summary(preds[0], y, group, self.group_names, counts, self.class_names())
-        timing = {"infer_seconds_per_case": (time.time() - t0 - sum(seconds[1:])) / len(rows)}
-        teacher_preds = None
-        if isinstance(teacher, TeacherRecord):  # the teacher run's own evaluation on this data and these settings
-            teacher_preds = teacher.cases[split]
-            result["teacher"] = teacher.metrics[split]
-            timing["teacher_infer_seconds_per_case"] = teacher.seconds_per_case(split)
-        elif teacher is not None:
-            teacher_preds = preds[1]
-            result["teacher"] = accuracy_summary(teacher_preds, y, group, self.group_names, counts, self.class_names())
-            timing["teacher_infer_seconds_per_case"] = seconds[1] / len(rows)
-        if teacher_preds is not None:
-            result["teacher_agreement"] = float((preds[0] == teacher_preds).mean())
+        t0 = time.perf_counter()
+        pred = self._predict(predict, split)
+        result = self._score(pred, split)
+        result["timing"] = {"infer_seconds_per_case": (time.perf_counter() - t0) / len(pred)}
         if out_dir is not None and dist_utils.is_main():
-            self._write_predictions(Path(out_dir), split, preds[0], teacher_preds)
-        result["timing"] = timing
+            self._write_predictions(Path(out_dir), split, pred)
+        result["outputs"] = pred
         return result
 
-    def load_teacher_record(self, record: TeacherRecord) -> TeacherRecord | None:
-        """The record with the teacher's predicted class of every val and test image (``record.cases[split]``,
-        int64 in split order, from its run's ``predictions.csv``: for the agreement and the ``teacher_prediction``
-        column); None when that file is missing or does not fit this data."""
-        path = record.run_dir / "predictions.csv"
+    def recorded_outputs(self, run_dir: Path, split: str) -> np.ndarray | None:
+        """The ``prediction`` column of a finished run's ``predictions.csv`` for ``split`` (int64, split order); None
+        when that file is missing or does not fit this data (:func:`waterbirds_pipeline.report.read_predictions`)."""
         try:
-            cases = {split: report.read_predictions(path, self.meta, split) for split in ("val", "test")}
+            return report.read_predictions(Path(run_dir) / PREDICTIONS, self.meta, split)
         except UserError:
             return None
-        return dataclasses.replace(record, cases=cases)
 
-    def _write_predictions(self, out_dir: Path, split: str, pred: np.ndarray, teacher: np.ndarray | None) -> None:
+    def add_teacher_outputs(self, out_dir: Path, split: str, outputs: np.ndarray) -> None:
+        """Set the ``teacher_prediction`` column of the rows of ``split`` in ``out_dir/predictions.csv`` (written by
+        :meth:`evaluate`) to ``outputs``, the teacher's predicted classes in split order (main process; atomic)."""
+        rows = self.meta.where(split)
+        if len(outputs) != len(rows):
+            raise ValueError(f"{len(outputs)} teacher outputs for the {len(rows)} images of {split}")
+        if dist_utils.is_main():
+            values = {str(int(i)): int(v) for i, v in zip(self.meta.img_id[rows], outputs)}
+            report.set_split_column(Path(out_dir) / PREDICTIONS, split, "teacher_prediction", values)
+
+    def _write_predictions(self, out_dir: Path, split: str, pred: np.ndarray) -> None:
         """(Re)write the rows of ``split`` in ``out_dir/predictions.csv`` (predictions in split order)."""
         rows = self.meta.where(split)
         table = {"img_id": self.meta.img_id[rows], "y": self.labels[rows], "place": self.meta.place[rows],
                  "group": np.asarray(self.group_names)[self.meta.group[rows]], "prediction": pred}
-        if teacher is not None:
-            table["teacher_prediction"] = teacher
         csv_rows = [{"split": split, **dict(zip(table, values))} for values in zip(*table.values())]
-        report.update_predictions(out_dir / "predictions.csv", split, csv_rows)
+        report.update_predictions(out_dir / PREDICTIONS, split, csv_rows)
+
+    def _score(self, pred: np.ndarray, split: str) -> dict[str, Any]:
+        """The accuracies of the predicted classes ``pred`` of the images of ``split`` (split order)."""
+        rows = self.meta.where(split)
+        return accuracy_summary(pred, self.labels[rows], self.meta.group[rows], self.group_names,
+                                self.train_group_counts, self.class_names())
 
     def score_predictions(self, pred: Path, split: str, out_dir: Path) -> dict[str, Any]:
         """Score a predictions CSV made elsewhere (``img_id``, ``prediction``; see
         :func:`waterbirds_pipeline.report.read_predictions`) with the four accuracies, and write the split's rows
         of ``out_dir/predictions.csv`` as :meth:`evaluate` does."""
-        rows = self.meta.where(split)
         preds = report.read_predictions(Path(pred), self.meta, split)
-        result = accuracy_summary(preds, self.labels[rows], self.meta.group[rows], self.group_names,
-                                  self.train_group_counts, self.class_names())
-        self._write_predictions(Path(out_dir), split, preds, None)
+        result = self._score(preds, split)
+        self._write_predictions(Path(out_dir), split, preds)
         return result
 
-    def _predict(self, predictors: list[Predictor], split: str) -> tuple[list[np.ndarray], list[float]]:
-        """Predicted class of every image of ``split`` by each predictor, int64 ``(N,)`` each, in split order; and
-        the seconds each predictor's forward passes took on this process.
-
-        One pass over this process's shard, then the shards of all processes are gathered.
-        """
+    def _predict(self, predict: Predictor, split: str) -> np.ndarray:
+        """Predicted class of every image of ``split``, int64 ``(N,)`` in split order: one pass over this process's
+        shard, then the shards of all processes are gathered."""
         dataset = self._dataset(split, augment=False)
         positions = list(dist_utils.shard(len(dataset)))
         loader = DataLoader(Subset(dataset, positions), batch_size=int(self.eval_cfg["batch_size"]), shuffle=False)
-        chunks: list[list[torch.Tensor]] = [[] for _ in predictors]
-        seconds = [0.0 for _ in predictors]
         with torch.no_grad():
-            for batch in loader:
-                for k, predict in enumerate(predictors):
-                    start = time.perf_counter()
-                    chunks[k].append(predict(batch["x"])["cls"].argmax(1).cpu())
-                    seconds[k] += time.perf_counter() - start
+            chunks = [predict(batch["x"])["cls"].argmax(1).cpu() for batch in loader]
         mine = np.stack([np.asarray(positions, dtype=np.int64),
-                         *(torch.cat(c).numpy() if c else np.zeros(0, np.int64) for c in chunks)])
+                         torch.cat(chunks).numpy().astype(np.int64) if chunks else np.zeros(0, np.int64)])
         gathered = np.concatenate(dist_utils.gather_objects([mine]), axis=1)
-        ordered = gathered[:, np.argsort(gathered[0])]
-        return list(ordered[1:]), seconds
+        return gathered[1, np.argsort(gathered[0])]
 
     def write_report(self, run_dir: Path, metrics: dict[str, Any], info: dict[str, Any]) -> None:
         report.write_report(run_dir, metrics, info, self.group_names, self.train_group_counts)
 
     @classmethod
-    def metric_note(cls, cfg: dict[str, Any]) -> str:
-        return ("Worst-group metric: the lowest test accuracy over the four (bird, background) groups. Average "
-                "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
-                "paper's average; not the raw test accuracy).")
-
-    case_unit: ClassVar[str] = "images"
-
-    @classmethod
-    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
-        """``(img_id, group, 1.0 if correct else 0.0)`` of each test image, from ``predictions.csv``."""
-        return report.case_scores(Path(run_dir) / "predictions.csv")
-
-    @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         """What the model of a run config expects as input (written next to exported models)."""
-        size = int(cls.with_defaults(cfg)["data"]["image_size"])
+        cfg = cls._checked(cfg)
+        size = int(cfg["data"]["image_size"])
         return {
             "input": f"RGB image, float (3, {size}, {size})",
             "input_shape": [3, size, size],
@@ -260,7 +247,7 @@ class WaterbirdsPipeline(Pipeline):
             "crop": f"centre {size} x {size}",
             "intensity": "scale to [0, 1], then normalise with ImageNet mean and std",
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "classes": _class_names(cls.with_defaults(cfg)),
+            "classes": _class_names(cfg),
         }
 
     # --- synthetic data ---------------------------------------------------------------------------------------
@@ -275,14 +262,6 @@ class WaterbirdsPipeline(Pipeline):
         synthetic.synthesize(Path(out), seed, **options)
 
 
-def _label(cfg: dict[str, Any]) -> str:
-    label = cfg.get("data", {}).get("label", "y")
-    if label not in ("y", "shape"):
-        raise UserError(f"data.label: '{label}' is not a Waterbirds target; valid: y (the bird), shape (the "
-                        f"pretraining corpus's {metadata.N_SHAPES} object classes)")
-    return str(label)
-
-
 def _class_names(cfg: dict[str, Any]) -> list[str]:
-    """The classes the model predicts under ``cfg``'s ``data.label``."""
-    return list(metadata.CLASS_NAMES) if _label(cfg) == "y" else list(synthetic.SHAPE_NAMES)
+    """The classes the model predicts under ``data.label`` of ``cfg`` (defaults filled, rules checked)."""
+    return list(LABELS[cfg["data"]["label"]])

@@ -1,5 +1,6 @@
 """Waterbirds outputs: ``predictions.csv`` (every val and test image) and ``report.md`` / ``report.html``; reading a
-predictions CSV made elsewhere (:func:`read_predictions`, for ``groupdistil evaluate``)."""
+predictions CSV made elsewhere (:func:`read_predictions`, for ``groupdistil evaluate``); what ``groupdistil compare``
+reads of a finished run (:class:`WaterbirdsComparison`)."""
 from __future__ import annotations
 
 import csv
@@ -7,13 +8,14 @@ import html
 import io
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
 from groupdistil.errors import UserError
 from groupdistil.io import atomic_write_text
+from groupdistil.pipeline import ComparisonHooks
 from groupdistil.report import Doc, fmt, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, BootstrapCI, bootstrap_group_means
 from groupdistil.teacher import probabilities_problem
@@ -21,34 +23,75 @@ from groupdistil.teacher import probabilities_problem
 from .metadata import CLASS_NAMES, METADATA, SPLITS, Metadata
 from .metrics import ACCURACY_DEFINITIONS
 
+PREDICTIONS = "predictions.csv"
+#: the columns of ``predictions.csv``, in this order; a column no row fills is left out
 PREDICTION_COLUMNS = ("img_id", "split", "y", "place", "group", "prediction", "teacher_prediction")
 SUMMARY_KEYS = ("worst_group_acc", "worst_group", "avg_acc", "train_weighted_avg_acc", "mean_group_acc")
 PLOT = "group_accuracy_test.png"
 
 
-def update_predictions(path: Path, split: str, rows: Sequence[dict[str, Any]]) -> None:
-    """Replace the rows of ``split`` in the CSV at ``path`` (created when missing) by ``rows``, val before test."""
-    path = Path(path)
-    kept: list[dict[str, Any]] = []
-    if path.is_file():
-        with open(path, newline="") as fh:
-            kept = [r for r in csv.DictReader(fh) if r.get("split") != split]
-    merged = sorted([*kept, *rows], key=lambda r: SPLITS.index(r["split"]))
-    columns = [c for c in PREDICTION_COLUMNS if any(r.get(c, "") != "" for r in merged)]
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``predictions.csv`` as dicts (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` atomically with the :data:`PREDICTION_COLUMNS` that any row fills."""
+    columns = [c for c in PREDICTION_COLUMNS if any(r.get(c, "") != "" for r in rows)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, restval="", extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(merged)
+    writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
+
+
+def update_predictions(path: Path, split: str, rows: Sequence[dict[str, Any]]) -> None:
+    """Replace the rows of ``split`` in the CSV at ``path`` (created when missing) by ``rows``, val before test."""
+    kept = [r for r in _read_rows(Path(path)) if r.get("split") != split]
+    _write_rows(Path(path), sorted([*kept, *rows], key=lambda r: SPLITS.index(r["split"])))
+
+
+def set_split_column(path: Path, split: str, column: str, values: dict[str, Any]) -> None:
+    """Set ``column`` of every row of ``split`` in the CSV at ``path`` to ``values[img_id]``, rows and the other
+    columns kept; a UserError when the file's rows of ``split`` are not exactly the images of ``values``."""
+    path = Path(path)
+    rows = _read_rows(path)
+    ids = [r["img_id"] for r in rows if r.get("split") == split]
+    if len(ids) != len(values) or set(ids) != set(values):
+        raise UserError(f"{path}: its {len(ids)} {split} rows are not the {len(values)} {split} images whose "
+                        f"{column} is to be added (evaluate writes them first)")
+    for r in rows:
+        if r.get("split") == split:
+            r[column] = values[r["img_id"]]
+    _write_rows(path, rows)
 
 
 def case_scores(path: Path) -> list[tuple[str, str, float]] | None:
     """``(img_id, group, 1.0 if correct else 0.0)`` of each test row of a ``predictions.csv``; None if missing."""
     if not Path(path).is_file():
         return None
-    with open(path, newline="") as fh:
-        return [(r["img_id"], r["group"], float(r["prediction"] == r["y"]))
-                for r in csv.DictReader(fh) if r["split"] == "test"]
+    return [(r["img_id"], r["group"], float(r["prediction"] == r["y"]))
+            for r in _read_rows(Path(path)) if r["split"] == "test"]
+
+
+class WaterbirdsComparison(ComparisonHooks):
+    """What ``groupdistil compare`` reads of finished Waterbirds runs: the metrics' meaning and per-image scores."""
+
+    case_unit: ClassVar[str] = "images"
+
+    @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        return ("Worst-group metric: the lowest test accuracy over the four (bird, background) groups. Average "
+                "metric: the per-group test accuracies weighted by the training group proportions (the group DRO "
+                "paper's average; not the raw test accuracy).")
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """``(img_id, group, 1.0 if correct else 0.0)`` of each test image, from ``predictions.csv``."""
+        return case_scores(Path(run_dir) / PREDICTIONS)
 
 
 def read_predictions(path: Path, meta: Metadata, split: str) -> np.ndarray:
@@ -247,7 +290,7 @@ def fmt_ci(ci: BootstrapCI | None, digits: int = 3) -> str:
 
 
 def _ci_section(doc: Doc, run_dir: Path, group_names: Sequence[str], train_counts: Sequence[int]) -> None:
-    cis = accuracy_cis(run_dir / "predictions.csv", group_names, train_counts)
+    cis = accuracy_cis(run_dir / PREDICTIONS, group_names, train_counts)
     if not cis:
         return
     doc.heading("Test accuracies with 95% bootstrap intervals")

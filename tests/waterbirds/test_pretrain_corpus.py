@@ -79,7 +79,7 @@ def test_shape_label_trains_a_14_class_head(corpus: Path, tmp_path: Path, synth_
                  str(down), "--set", f"model.init_from={out}", *tiny]) == 0
     with pytest.raises(UserError, match=r"metadata.csv: data.label: shape needs the column 'shape'"):
         WaterbirdsPipeline({"data": {"label": "shape"}}, synth_root)
-    with pytest.raises(UserError, match="data.label: 'bird' is not a Waterbirds target; valid: y"):
+    with pytest.raises(UserError, match="config: data.label = 'bird' is not allowed; it must be y .the bird. or shape"):
         WaterbirdsPipeline({"data": {"label": "bird"}}, corpus)
 
 
