@@ -50,18 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve_config(args.config, overrides)
     setup_process(cfg["train"])
     trainer = Trainer(cfg, get_pipeline(cfg["pipeline"]), Path(args.data_root), Path(args.out), args.teacher)
-    trainer.run_hash = ""
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    trainer.build()
+    training = trainer.build("new")
     logger = StepLogger(Path(args.out) / "train_log.jsonl", True, None)
-    batches = iter(trainer.loader(0))
+    batches = iter(training.loader(0))
     device, t = trainer.device, trainer.t
 
     def step(i: int) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
         if cuda and t["channels_last"]:
             batch["x"] = batch["x"].contiguous(memory_format=torch.channels_last)
-        logger.add(i, trainer.method.update(batch))
+        logger.add(i, training.method.update(batch))
 
     for i in range(3):
         step(i)

@@ -30,7 +30,7 @@ from groupdistil.methods import METHODS
 from groupdistil.pipeline import Pipeline
 from groupdistil.sampling import StepBatchSampler
 from groupdistil.runtime import Runtime, build_optimizer
-from groupdistil.trainer import Trainer, seed_everything
+from groupdistil.trainer import Trainer, Training, seed_everything
 
 CPU = torch.device("cpu")
 
@@ -116,9 +116,9 @@ class PipelineBench:
         return int(self.student["train"]["batch_size"])
 
     def trainer(self, method: str, trainer_cls: type[Trainer] = Trainer, pipeline_cls: type[Pipeline] | None = None,
-                build: bool = True, method_args: dict[str, Any] | None = None, **train: Any) -> Trainer:
-        """A real ``Trainer`` on the student config (``method``, ``method_args`` and ``train`` keys overridden), built
-        unless told."""
+                build: bool = True, method_args: dict[str, Any] | None = None, **train: Any) -> Any:
+        """A real ``Trainer`` on the student config (``method``, ``method_args`` and ``train`` keys overridden); with
+        ``build``, the :class:`Training` it builds for a new run (student, method, loader)."""
         spec = METHODS.get(method).hparams_spec  # the student config's keys this method has (the trainer is strict)
         own = {k: v for k, v in self.student["method_args"].items() if k in spec}
         cfg = {**deep_merge(self.student, {"method": method, "train": train}),
@@ -126,9 +126,7 @@ class PipelineBench:
         (self.work / "runs").mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{method}_", dir=self.work / "runs"))
         t = trainer_cls(cfg, pipeline_cls or self.cls, self.root, run_dir, teacher_path=str(self.teacher_ckpt))
-        if build:
-            t.build()
-        return t
+        return t.build("new") if build else t
 
     def models(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """Student and teacher models of the configs, in eval mode."""
@@ -136,7 +134,7 @@ class PipelineBench:
         return self.cls.model_for(self.student).eval(), self.cls.model_for(self.teacher).eval()
 
 
-def preload(trainer: Trainer, n: int) -> list[dict[str, torch.Tensor]]:
+def preload(trainer: Training, n: int) -> list[dict[str, torch.Tensor]]:
     """The first ``n`` batches of the trainer's own training loader, on its device."""
     return [{k: v.to(trainer.device) for k, v in b.items()} for b in islice(trainer.loader(0), n)]
 
@@ -208,12 +206,12 @@ def materialized(pipeline_cls: type[Pipeline]) -> type[Pipeline]:
     return Materialized
 
 
-class StepClockTrainer(Trainer):
-    """The real ``Trainer.run`` loop, with the time each ``method.update`` starts recorded; validation,
-    checkpoints and the final evaluation are skipped (they are not per-step work and the plain loop has none)."""
+class StepClockTraining(Training):
+    """The real training loop, with the time each ``method.update`` starts recorded; validation, checkpoints and
+    the final evaluation are skipped (they are not per-step work and the plain loop has none)."""
 
-    def build(self) -> None:
-        super().build()
+    def __init__(self, trainer: Trainer, status: str) -> None:
+        super().__init__(trainer, status)
         self.stamps: list[float] = []
         update = self.method.update
 
@@ -231,6 +229,18 @@ class StepClockTrainer(Trainer):
 
     def finish(self, step: int, train_seconds: float) -> None:
         return None
+
+
+class StepClockTrainer(Trainer):
+    """A Trainer whose run builds a :class:`StepClockTraining` (kept in ``trainings`` for its stamps)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainings: list[StepClockTraining] = []
+
+    def build(self, status: str) -> StepClockTraining:
+        self.trainings.append(StepClockTraining(self, status))
+        return self.trainings[-1]
 
 
 def plain_loop(pb: PipelineBench, batches: list[dict[str, torch.Tensor]], n: int) -> list[float]:
@@ -268,7 +278,7 @@ def trainer_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
             t = pb.trainer("erm", StepClockTrainer, pipeline_cls, build=False, max_steps=total,
                            eval_every=10**9, checkpoint_every=10**9)
             t.run()
-            return per_step(t.stamps)
+            return per_step(t.trainings[-1].stamps)
 
         return run
 

@@ -15,12 +15,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+
+from .errors import UserError
+from .teacher import in_order
 
 MODES = ("labels", "error", "kmeans")
 
@@ -28,18 +31,17 @@ MODES = ("labels", "error", "kmeans")
 @torch.no_grad()
 def teacher_pass(model: nn.Module, dataset: Any, device: torch.device, batch_size: int,
                  autocast: Any) -> dict[str, Tensor]:
-    """Over the training set (keys ``(index, 0)``): the teacher's ``cls`` argmax (if any), the labels ``cls`` (if
-    any) and ``feat`` ``(N, D)``: the input of the model's last ``nn.Linear`` (else per-image statistics)."""
+    """Over the training set (:func:`~groupdistil.teacher.in_order`): the teacher's ``cls`` argmax (if any), the
+    labels ``cls`` (if any) and ``feat`` ``(N, D)``: the input of the model's last ``nn.Linear`` (else per-image
+    statistics)."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
     captured: list[Tensor] = []
     hook = linear[-1].register_forward_pre_hook(lambda m, inp: captured.append(inp[0].float())) if linear else None
-    n = len(dataset)
-    keys = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
     out: dict[str, list[Tensor]] = {"feat": [], "pred": [], "cls": []}
     model.eval()
     try:
-        for b in DataLoader(dataset, batch_sampler=keys):
-            x = b["x"].to(device)
+        for b in in_order(dataset, batch_size, device):
+            x = b["x"]
             captured.clear()
             with autocast():
                 logits = model(x)
@@ -52,7 +54,7 @@ def teacher_pass(model: nn.Module, dataset: Any, device: torch.device, batch_siz
             if "cls" in logits:
                 out["pred"].append(logits["cls"].argmax(1).cpu())
             if "cls" in b:
-                out["cls"].append(b["cls"])
+                out["cls"].append(b["cls"].cpu())
     finally:
         if hook is not None:
             hook.remove()
@@ -146,3 +148,29 @@ def agreement(grouping: dict[str, Any], true: Tensor, true_names: list[str], inf
         f"{i},{cases[i]},{true_names[int(t)]},{names[int(q)]}" for i, (t, q) in enumerate(zip(true.tolist(),
                                                                                              inferred.tolist()))]
     return info, "\n".join(rows) + "\n"
+
+
+@dataclass(frozen=True)
+class InferredGroups:
+    """The training groups of a run under ``grouping.mode`` error / kmeans: the group of every training sample
+    ``(N,)`` (CPU), their names and counts, ``metrics.json["grouping"]`` and the text of ``groups_inferred.csv``."""
+
+    groups: Tensor
+    names: list[str]
+    counts: list[int]
+    info: dict[str, Any]
+    csv_text: str
+
+
+def infer_training_groups(g: dict[str, Any], model: nn.Module, dataset: Any, pipeline: Any, device: torch.device,
+                          batch_size: int, autocast: Any) -> InferredGroups:
+    """Groups from the teacher (``g``: the ``grouping`` config section), with their agreement with the true groups
+    (which training never uses)."""
+    passed = teacher_pass(model, dataset, device, batch_size, autocast)
+    if g["mode"] == "error" and "pred" not in passed:
+        raise UserError("grouping.mode 'error' needs a classification head (cls) on the teacher")
+    classes = pipeline.class_names() if "cls" in passed and "seg" not in pipeline.heads else None
+    inferred, names = infer_groups(g["mode"], g["k"], g["seed"], passed, pipeline.train_cases(), classes)
+    info, csv_text = agreement(g, pipeline.train_groups(), list(pipeline.group_names), inferred, names,
+                               pipeline.train_cases())
+    return InferredGroups(inferred, names, torch.bincount(inferred, minlength=len(names)).tolist(), info, csv_text)

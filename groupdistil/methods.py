@@ -2,8 +2,8 @@
 
 A method is complete when constructed: ``Method(student, criterion, n_groups, train_counts, hparams, teacher,
 runtime)`` (the :class:`~groupdistil.runtime.Runtime` brings device, autocast, all-reduce, optimizer and scheduler).
-``update(batch) -> dict`` takes one optimizer step and returns detached tensors to log (no host sync);
-``predict(x) -> {head: logits}`` runs the student. A method is the pair (per-sample loss, aggregation):
+``update(batch) -> dict`` takes one optimizer step and returns detached tensors to log (no host sync). A method is the
+pair (per-sample loss, aggregation):
 
 ========== ================================ =========================================
 method     per-sample loss                  aggregation over the batch
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .losses import TaskLoss
 from .registry import Registry
 from .runtime import Runtime
+from .teacher import in_order
 from .weighting import GroupWeights, group_sums, reduced_group_means
 
 METHODS: Registry[type["Method"]] = Registry("method")
@@ -160,11 +161,6 @@ class Method(nn.Module):
         out.update({k: v.detach().float().mean() for k, v in terms.items() if "/" in k})
         out.update(logs)
         return out
-
-    def predict(self, x: Tensor) -> dict[str, Tensor]:
-        """The student's float32 logits per head (eval mode, inference mode): :meth:`Runtime.predictor`."""
-        return self.runtime.predictor(self.student)(x)
-
 
 SIGNALS = ("train", "heldout", "excess")
 
@@ -299,15 +295,12 @@ class _SampleWeighted(Method):
 
 @torch.no_grad()
 def _teacher_pass(method: Method, dataset: Any, batch_size: int) -> tuple[Tensor, Tensor]:
-    """The teacher's per-sample label loss and error indicator over the training set (keys ``(index, 0)``): for
-    classification, wrong argmax; for segmentation, a soft Dice score (1 - Dice loss), returned as the loss."""
-    from torch.utils.data import DataLoader
-
+    """The teacher's per-sample label loss and error indicator over the training set
+    (:func:`~groupdistil.teacher.in_order`): for classification, wrong argmax; for segmentation, a soft Dice score
+    (1 - Dice loss), returned as the loss."""
     n = len(dataset)
-    keys = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
     loss, wrong = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
-    for b in DataLoader(dataset, batch_sampler=keys):
-        b = {k: v.to(method.runtime.device) for k, v in b.items()}
+    for b in in_order(dataset, batch_size, method.runtime.device):
         out = method.teacher(b)
         idx = b["index"].cpu()
         loss[idx] = method.criterion(out, b)["label"].float().cpu()

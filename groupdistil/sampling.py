@@ -9,7 +9,7 @@ dataset is indexed by the key ``(index, aug_seed)``.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Sampler
@@ -104,3 +104,14 @@ def heldout_split(cases: list[str], groups: torch.Tensor, fraction: float, seed:
         chosen = {names[j] for j in torch.randperm(len(names), generator=g)[:k].tolist()}
         held += [i for i in members if cases[i] in chosen]
     return torch.tensor(sorted(held), dtype=torch.long)
+
+
+def heldout_batches(dataset: Any, held: torch.Tensor, batch_size: int, device: torch.device, rank: int = 0,
+                    world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of the held-out samples ``held`` (dataset indices; keys ``(index, 0)``), as batches on
+    ``device``."""
+    from torch.utils.data import DataLoader
+
+    keys = [(int(i), 0) for i in held[rank::world_size]]
+    loader = DataLoader(dataset, batch_sampler=[keys[k:k + batch_size] for k in range(0, len(keys), batch_size)])
+    return [{k: v.to(device) for k, v in b.items()} for b in loader]

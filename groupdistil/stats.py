@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-CaseScores = Sequence[tuple[str, str, float]]  # (case id, group, score), as Pipeline.case_scores returns
+CaseScores = Sequence[tuple[str, str, float]]  # (case id, group, score), as ComparisonHooks.case_scores returns
 
 
 @dataclass(frozen=True)

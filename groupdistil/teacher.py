@@ -1,40 +1,48 @@
-"""The frozen teacher: a model run under inference mode, optionally cached (loading: :mod:`groupdistil.checkpoint`),
-or a teacher made elsewhere given only as its saved probabilities on the training set; and a teacher's final
-evaluation recorded in its run folder (:func:`recorded_evaluation`), which a student run reports instead of
-evaluating the teacher again when it was made on the same data with the same settings.
+"""The teacher as one object (:class:`TeacherSource`): opened from a run folder, a checkpoint, a TorchScript file or
+saved probabilities; checked against the run; distilled online, from a cache or from its probabilities
+(:class:`Teacher`); run once over a training set (:func:`in_order`); and evaluated at the end of a student run, or its
+recorded evaluation reused (:func:`recorded_evaluation`) when it was made on the same data with the same settings.
 
-Saved probabilities (``--teacher FOLDER``, read by the pipeline's
-:meth:`~groupdistil.pipeline.Pipeline.teacher_targets`) become the cache directly: the KD term receives
-``log max(p, PROB_FLOOR)`` as the teacher's logits. Since ``softmax(log p) = p`` and softmax ignores a constant added
-over the classes, ``softmax(log p / tau) = p^(1/tau) / sum_k p_k^(1/tau)``: when ``p = softmax(z)`` (a network's
-probabilities) this equals ``softmax(z / tau)``, so ``loss.tau`` means exactly what it means with the teacher's
+Saved probabilities (read by the pipeline's :meth:`~groupdistil.pipeline.Pipeline.teacher_targets`) become the
+cache directly: the KD term receives ``log max(p, PROB_FLOOR)`` as the teacher's logits. Since ``softmax(log p) = p``
+and softmax ignores a constant added over the classes, ``softmax(log p / tau) = p^(1/tau) / sum_k p_k^(1/tau)``: when
+``p = softmax(z)`` this equals ``softmax(z / tau)``, so ``loss.tau`` means exactly what it means with the teacher's
 logits (up to the floor and the storage precision of the files).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-#: smallest probability before the logarithm: ``log(PROB_FLOOR)`` (about -13.8) stands for ``log 0`` (a one-hot
-#: target), finite, and exact enough in float16
-PROB_FLOOR = 1e-6
-#: largest distance from 1 of the sum of a position's saved probabilities over the classes (float16 storage of the
-#: files, interpolation)
-PROB_SUM_ATOL = 1e-2
+from .checkpoint import load_model_from_checkpoint, resolve_checkpoint
+from .errors import UserError
+# the probability helpers are part of this module's interface (pipelines and tests import them from here)
+from .probabilities import (PROB_FLOOR, PROB_SUM_ATOL, is_probabilities_source, probabilities_identity,  # noqa: F401
+                            probabilities_problem)
+from .progress import log
+
+
+def in_order(dataset: Dataset, batch_size: int, device: torch.device,
+             num_workers: int = 0) -> Iterator[dict[str, Tensor]]:
+    """Every sample of a training set once, in index order and without augmentation (keys ``(index, 0)``), as
+    batches on ``device``: the one pass over the training set for the teacher cache, inferred groups and
+    per-sample weights."""
+    n = len(dataset)  # type: ignore[arg-type]
+    keys = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
+    for b in DataLoader(dataset, batch_sampler=keys, num_workers=num_workers):
+        yield {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
 class Teacher:
-    """Callable ``batch -> {head: logits}`` running a frozen model under inference mode, or reading its cache.
+    """The distillation callable ``batch -> {head: logits}``: a frozen model run under inference mode, or its cache.
 
     The returned tensors are ordinary tensors (cloned out of inference mode) so the KD term can use them in the
     autograd graph of the student. A teacher given as saved probabilities (:meth:`from_probabilities`) has no model:
@@ -76,68 +84,13 @@ class Teacher:
         The cache lives in memory for this run only, so a different teacher or data can never hit it.
         """
         n = len(dataset)  # type: ignore[arg-type]
-        keys = [[(i, 0) for i in range(s, min(s + batch_size, n))] for s in range(0, n, batch_size)]
-        loader = DataLoader(dataset, batch_sampler=keys, num_workers=num_workers)
         cache: dict[str, Tensor] = {}
-        for batch in loader:
-            x = batch["x"].to(device, non_blocking=True)
-            idx = batch["index"].to(device)
-            out = self._forward(x)
-            for h, t in out.items():
+        for batch in in_order(dataset, batch_size, device, num_workers):
+            for h, t in self._forward(batch["x"]).items():
                 if h not in cache:
                     cache[h] = torch.empty((n, *t.shape[1:]), dtype=dtype, device=device)
-                cache[h][idx] = t.to(dtype)
+                cache[h][batch["index"]] = t.to(dtype)
         self.cache = cache
-
-
-# --- teachers given as saved probabilities ---------------------------------------------------------------------
-def is_probabilities_source(path: str | Path) -> bool:
-    """True when ``--teacher PATH`` names saved probabilities rather than a model: a folder that is not a run folder
-    (neither ``config.yaml`` nor ``checkpoints/`` in it), or a ``.csv`` / ``.npz`` file."""
-    p = Path(path)
-    if p.is_dir():
-        return not ((p / "config.yaml").exists() or (p / "checkpoints").exists())
-    return p.is_file() and p.suffix.lower() in (".csv", ".npz")
-
-
-def probabilities_identity(path: str | Path) -> str:
-    """``probabilities-<16 hex>``: a SHA-256 over the relative path and content of every file of the folder (hidden
-    ones excepted; nothing is parsed), or of the file: what a run records as its teacher, so that changed files are
-    never taken for the same teacher."""
-    p = Path(path)
-    digest = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(
-        Path(d) / f for d, dirs, names in os.walk(p) for f in names
-        if not f.startswith(".") and not any(part.startswith(".") for part in Path(d).relative_to(p).parts))
-    for f in files:
-        digest.update(f"{f.relative_to(p).as_posix() if f != p else f.name}\n".encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-    return f"probabilities-{digest.hexdigest()[:16]}"
-
-
-def probabilities_problem(p: np.ndarray, axes: str = "", class_axis: int = 0) -> str:
-    """Why ``p`` is not a probability distribution over ``class_axis`` at every position ("" when it is): every
-    value finite and in [0, 1], each position's sum over the classes within ``PROB_SUM_ATOL`` of 1. The first bad
-    position is named by its index, described by ``axes`` (e.g. ``"(class, z, y, x)"``)."""
-    p = np.asarray(p)
-    where = f" {axes}" if axes else ""
-    finite = np.isfinite(p)
-    if not finite.all():
-        first = tuple(int(i) for i in np.argwhere(~finite)[0])
-        return f"{int((~finite).sum())} non-finite probabilities (NaN/Inf), the first at{where} {first}"
-    inside = (p >= 0) & (p <= 1)
-    if not inside.all():
-        first = tuple(int(i) for i in np.argwhere(~inside)[0])
-        return (f"{int((~inside).sum())} values outside [0, 1] (min {float(p.min()):.4g}, max {float(p.max()):.4g}), "
-                f"the first at{where} {first}")
-    off = np.abs(p.sum(axis=class_axis, dtype=np.float64) - 1.0)
-    if not (off <= PROB_SUM_ATOL).all():
-        first = tuple(int(i) for i in np.argwhere(off > PROB_SUM_ATOL)[0])
-        return (f"the probabilities do not sum to 1 over the classes (off by up to {float(off.max()):.3g}, tolerance "
-                f"{PROB_SUM_ATOL:g}; the first such position without the class axis: {first})")
-    return ""
 
 
 #: the splits of a run's final evaluation
@@ -149,15 +102,15 @@ class TeacherRecord:
     """A teacher's final evaluation as its own run recorded it, valid for a student run's data and settings.
 
     ``metrics[split]`` is the teacher run's ``metrics.json[split]`` (the evaluation of its selected model, the one a
-    student distils) without teacher entries of its own: what ``Pipeline.evaluate(..., teacher=predictor)`` returns
-    under ``"teacher"``. ``timing[split]`` is its ``timing.json[split]``. ``cases[split]``: per-case outputs a
-    pipeline read from the folder (:meth:`Pipeline.load_teacher_record`), e.g. the teacher's predictions.
+    student distils) without teacher entries of its own: what ``Pipeline.evaluate`` of the teacher returns.
+    ``timing[split]`` is its ``timing.json[split]``; ``outputs[split]`` its per-case outputs as the pipeline reads
+    them from the folder (:meth:`Pipeline.recorded_outputs`), None for a pipeline without outputs.
     """
 
     run_dir: Path
     metrics: dict[str, dict[str, Any]]
     timing: dict[str, dict[str, Any]]
-    cases: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     def seconds_per_case(self, split: str) -> float | None:
         """The teacher's ``infer_seconds_per_case`` on ``split`` as its run measured it."""
@@ -210,3 +163,137 @@ def recorded_evaluation(checkpoint: Path, run_hash: str | None, step: int | None
                       f"{machine.get('precision', 'an unrecorded precision')}")
     own = {s: {k: v for k, v in metrics[s].items() if not k.startswith("teacher")} for s in SPLITS}
     return TeacherRecord(run_dir, own, {s: timing.get(s) or {} for s in SPLITS}), "same data and settings"
+
+
+@dataclass(frozen=True)
+class TeacherEvaluation:
+    """The teacher's evaluation on one split: what ``Pipeline.evaluate`` returns for it (without ``timing`` and
+    ``outputs``), its inference seconds per case and its per-case ``outputs`` (None when the pipeline has none)."""
+
+    metrics: dict[str, Any]
+    seconds_per_case: float | None
+    outputs: Any = None
+
+
+class TeacherSource:
+    """The teacher of one run, whatever it was given as: a run folder, a checkpoint or a TorchScript file (a model,
+    kept on the CPU until :meth:`to`), or saved probabilities (no model).
+
+    ``run_hash`` and ``step`` identify it by content (:attr:`identity`), so a moved or copied teacher is the same
+    teacher; ``record`` is its recorded evaluation once :meth:`use_record` found one that holds for the run.
+    """
+
+    def __init__(self, path: str, run_hash: str | None, step: int | None, model: nn.Module | None) -> None:
+        self.path, self.run_hash, self.step, self.model = str(path), run_hash, step, model
+        self.record: TeacherRecord | None = None
+
+    @property
+    def identity(self) -> str:
+        """What a run records as its teacher (``run.teacher``): ``<run hash>@step<step>``."""
+        return f"{self.run_hash}@step{self.step}"
+
+    @classmethod
+    def open(cls, path: str, pipeline_cls: Any, cfg: dict[str, Any]) -> TeacherSource:
+        """Open (and so check) the teacher ``--teacher PATH`` names, before anything of the run is written; what a
+        teacher of saved probabilities cannot do under ``cfg`` is refused here."""
+        if not is_probabilities_source(path):
+            model, ck = load_model_from_checkpoint(path, pipeline_cls)
+            return cls(path, ck.get("run_hash"), ck.get("step"), model)
+        mode, cache = cfg["grouping"]["mode"], cfg["train"]["teacher_cache"]
+        if mode != "labels":
+            raise UserError(f"{path}: grouping.mode '{mode}' infers the groups from a teacher model, and a teacher "
+                            f"given as saved probabilities has none; use grouping.mode: labels, or a teacher run "
+                            f"folder, checkpoint or TorchScript file")
+        if cache != "auto":
+            raise UserError(f"{path}: train.teacher_cache: {cache} cannot be used with a teacher given as saved "
+                            f"probabilities (they are the teacher cache); set train.teacher_cache: auto")
+        return cls(path, probabilities_identity(path), 0, None)
+
+    def check(self, pipeline: Any, cfg: dict[str, Any]) -> None:
+        """A teacher model must give logits of the same number of classes for every head the student is trained on
+        (its probabilities are checked when they are read: :meth:`distiller`)."""
+        shape = pipeline.preprocessing(cfg).get("input_shape")
+        if self.model is None or not shape:
+            return
+        with torch.inference_mode():
+            out = self.model.eval()(torch.zeros(1, *shape))
+        for head in cfg["loss"]["heads"] or pipeline.heads:
+            want = pipeline.heads.get(head)
+            got = out[head].shape[1] if head in out else None
+            if got != want:
+                have = {h: int(t.shape[1]) for h, t in out.items()}
+                raise UserError(f"{self.path}: the teacher's heads {have} do not match this run's "
+                                f"{dict(pipeline.heads)} (head '{head}': {got} vs {want} classes; was it trained "
+                                f"with other data.classes or model settings?)")
+
+    def to(self, device: torch.device, channels_last: bool) -> None:
+        """Move the model to the run's device (channels_last on CUDA when the run asks for it)."""
+        if self.model is not None:
+            self.model = self.model.to(device)
+            if device.type == "cuda" and channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+
+    def distiller(self, pipeline: Any, dataset: Dataset, runtime: Any, cfg: dict[str, Any]) -> Teacher:
+        """The KD term's teacher: the model run online, or cached once over the (deterministic) training set with
+        ``train.teacher_cache: auto``, or the saved probabilities (checked against this run's heads and sizes)."""
+        t, device = cfg["train"], runtime.device
+        dtype = torch.float32 if device.type == "cpu" else torch.float16
+        t0 = time.time()
+        if self.model is None:
+            return Teacher.from_probabilities(self._probabilities(pipeline, len(dataset), cfg), device, dtype)
+        teacher = Teacher(self.model, runtime.autocast)
+        if t["teacher_cache"] == "auto" and not pipeline.train_is_random():
+            teacher.build_cache(dataset, device, t["batch_size"], t["num_workers"], dtype)
+            log(f"teacher outputs cached for {len(dataset)} training samples in {time.time() - t0:.1f}s")
+        return teacher
+
+    def _probabilities(self, pipeline: Any, n: int, cfg: dict[str, Any]) -> dict[str, Tensor]:
+        t0 = time.time()
+        targets = pipeline.teacher_targets(Path(self.path))
+        used = cfg["loss"]["heads"] or pipeline.heads
+        for head in used:
+            want, p = pipeline.heads.get(head), targets.get(head)
+            if p is None or p.dim() < 2 or int(p.shape[1]) != want or int(p.shape[0]) != n:
+                got = "none" if p is None else f"shape {tuple(p.shape)}"
+                raise UserError(f"{self.path}: the saved probabilities cover heads {sorted(targets)}, this run "
+                                f"distils {sorted(used)} (head '{head}': {got}, expected ({n}, {want}, ...): "
+                                f"{n} training samples, {want} classes); for a model with more heads than the "
+                                f"probabilities give, set loss.heads to those they give")
+        log(f"teacher probabilities read from {self.path} for {n} training samples in {time.time() - t0:.1f}s "
+            f"(no teacher model: the teacher is not evaluated)")
+        return {h: targets[h] for h in used}
+
+    def use_record(self, pipeline: Any, cfg: dict[str, Any], runtime: Any) -> None:
+        """Take the teacher run's recorded val/test evaluation when it holds for this run (:func:`recorded_evaluation`;
+        a pipeline with per-case ``outputs`` must also read them from the teacher's folder): the final evaluation
+        then reports it instead of running the teacher again."""
+        from .pipeline import Pipeline, evaluation_values
+
+        if self.model is None:
+            return
+        ck_path = resolve_checkpoint(self.path)
+        where = {"device": runtime.device.type, "precision": runtime.precision}
+        record, why = recorded_evaluation(ck_path, self.run_hash, self.step, cfg,
+                                          lambda c: evaluation_values(type(pipeline), c), where)
+        if record is not None and type(pipeline).recorded_outputs is not Pipeline.recorded_outputs:
+            outputs = {s: pipeline.recorded_outputs(record.run_dir, s) for s in SPLITS}
+            record = None if any(o is None for o in outputs.values()) else TeacherRecord(
+                record.run_dir, record.metrics, record.timing, outputs)
+            why = why if record is not None else f"the {pipeline.name} pipeline cannot read its per-case outputs"
+        if record is not None:
+            log(f"teacher: its val and test evaluation is taken from {record.run_dir}/metrics.json ({why}), "
+                f"not run again")
+        elif ck_path.name == "best.pt":
+            log(f"teacher: evaluated again at the end of the run (its recorded evaluation: {why})")
+        self.record = record
+
+    def evaluate(self, pipeline: Any, runtime: Any, split: str) -> TeacherEvaluation | None:
+        """The teacher's evaluation on ``split``: recorded, or computed by the pipeline (None: probabilities)."""
+        if self.record is not None:
+            return TeacherEvaluation(self.record.metrics[split], self.record.seconds_per_case(split),
+                                     self.record.outputs.get(split))
+        if self.model is None:
+            return None
+        m = pipeline.evaluate(runtime.predictor(self.model), split)
+        seconds = m.pop("timing", {}).get("infer_seconds_per_case")
+        return TeacherEvaluation(m, seconds, m.pop("outputs", None))

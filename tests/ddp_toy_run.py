@@ -25,7 +25,15 @@ cfg = deep_merge(cfg, {"pipeline": "toy", "method": "groupdistil" if teacher els
                        "train": {"max_steps": 8, "batch_size": 32, "lr": 0.05, "momentum": 0.0, "eval_every": 4,
                                  "checkpoint_every": 4, "log_every": 4, "device": "cpu"}})
 setup_process(cfg["train"])
-trainer = Trainer(cfg, ToyPipeline, out, out, teacher_path=teacher)
-metrics = trainer.run()
-torch.save({"q": trainer.method.weights.q if teacher else None, "metrics": metrics,
+built = []  # this rank's Training, for its group weights after the run
+
+
+class KeepTraining(Trainer):
+    def build(self, status):
+        built.append(super().build(status))
+        return built[-1]
+
+
+metrics = KeepTraining(cfg, ToyPipeline, out, out, teacher_path=teacher).run()
+torch.save({"q": built[0].method.weights.q if teacher else None, "metrics": metrics,
             "world": du.world_size()}, out / f"rank{du.rank()}.pt")

@@ -104,7 +104,7 @@ class ToyPipeline(Pipeline):
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
         return {"input_shape": [1, 16, 16]}
 
-    def evaluate(self, predict, split, out_dir=None, teacher=None) -> dict[str, Any]:
+    def evaluate(self, predict, split, out_dir=None) -> dict[str, Any]:
         d = self.splits[split]
         mine = torch.tensor(list(shard(len(d["cls"]))), dtype=torch.long)
         pred = predict(d["x"][mine])["cls"].argmax(1).cpu()

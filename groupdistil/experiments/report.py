@@ -54,6 +54,7 @@ class Writer:
     def __init__(self, exp: Experiment, pipeline_cls: type[Pipeline], specs: list[RunSpec], groups: list[str],
                  out: Path) -> None:
         self.exp, self.pipeline_cls, self.specs, self.out = exp, pipeline_cls, specs, out
+        self.hooks = pipeline_cls.comparison
         self.metrics = [WORST, AVERAGE, *[f"group.{g}" for g in groups]]
         self.level_keys = list(exp.data_sweep)
         self.sweep_keys = list(exp.sweep) + (["teacher"] if exp.teacher_methods else [])
@@ -96,7 +97,7 @@ class Writer:
     # --- report --------------------------------------------------------------------------------------------------
     def metric_note(self) -> str:
         name = self.pipeline_cls.name
-        return (self.exp.metric_note or self.pipeline_cls.metric_note(self.student_cfg())
+        return (self.exp.metric_note or self.hooks.metric_note(self.student_cfg())
                 or f"Worst-group and average metric as defined by the {name} pipeline's evaluation.")
 
     def report(self, variants: dict[tuple[str, str, str], list[RunSpec]], pairs: list[PairRow]) -> None:
@@ -106,7 +107,7 @@ class Writer:
                  f"(plus the teacher); seeds {e.seeds}; test split; each run's model selected on its validation split.",
                  note=True)
         doc.para(self.metric_note(), note=True)
-        unit = self.pipeline_cls.case_unit
+        unit = self.hooks.case_unit
         doc.para("Mean ± sample std (ddof 1) over seeds. A comparison 'first − second' (two methods) is paired by seed "
                  "(t-test, mean difference and 95% CI; 'n/a' with fewer than 2 pairs), and by test case with the "
                  f"Wilcoxon signed-rank test over the {unit} of the second method's worst group, each one's score "
@@ -127,7 +128,7 @@ class Writer:
 
     def group_title(self, group: str) -> str:
         """A group as the pipeline shows it (``A (Siemens)``), under the students' config."""
-        return self.pipeline_cls.group_label(group, self.student_cfg())
+        return self.hooks.group_label(group, self.student_cfg())
 
     def student_cfg(self) -> dict[str, Any]:
         return next((s.cfg for s in self.specs if s.method != "teacher"), self.specs[0].cfg)
@@ -147,7 +148,7 @@ class Writer:
         if pairs:
             doc.heading("Paired comparisons", lvl)
             doc.table(["comparison", "metric", "test", "n", "mean diff", "95% CI", "statistic", "p", "p (Holm)"],
-                      [[p.title, nice_metric(self._labelled(p.metric), p.b.method, self.pipeline_cls.case_unit),
+                      [[p.title, nice_metric(self._labelled(p.metric), p.b.method, self.hooks.case_unit),
                         *self._test_text(p.test),
                         "n/a" if math.isnan(p.p_holm) else f"{p.p_holm:.3g}"] for p in pairs])
 
@@ -155,13 +156,13 @@ class Writer:
         return f"group.{self.group_title(metric[len('group.'):])}" if metric.startswith("group.") else metric
 
     def _breakdown_table(self, doc: Doc, variants: list[list[RunSpec]], lvl: int) -> None:
-        """Per structure and group (:meth:`Pipeline.group_breakdown`): each run's group mean, mean ± std over the
+        """Per structure and group (:meth:`ComparisonHooks.group_breakdown`): each run's group mean, mean ± std over the
         seeds; the worst group of each method in each column marked (lowest mean where higher is better, else
         highest). Nothing for a pipeline without structures."""
         rows: list[list[Any]] = []
         first: GroupBreakdown | None = None
         for runs in variants:
-            parts = [self.pipeline_cls.group_breakdown(r.run_dir) for r in runs]
+            parts = [self.hooks.group_breakdown(r.run_dir) for r in runs]
             if not parts or any(b is None for b in parts):
                 return
             first = first or parts[0]
@@ -181,7 +182,7 @@ class Writer:
                                for c, d in zip(parts[0].columns, parts[0].digits)]])
         if first is None:
             return
-        unit = self.pipeline_cls.case_unit
+        unit = self.hooks.case_unit
         doc.heading(f"Test per {first.grouping} and structure (mean ± std over seeds)", lvl)
         doc.table(["method", first.grouping, f"n ({unit})", *first.columns], rows)
         doc.para(f"{WORST_MARK}: the worst {first.grouping} of that method in that column (lowest mean Dice, highest "

@@ -98,9 +98,10 @@ def _pair_tests(runs_a: list[RunSpec], runs_b: list[RunSpec], pipeline_cls: type
     if not group_means or not pairs:
         return rows
     worst = min(group_means, key=group_means.__getitem__)
-    scores = [(pipeline_cls.case_scores(a.run_dir), pipeline_cls.case_scores(b.run_dir)) for a, b in pairs]
+    hooks = pipeline_cls.comparison
+    scores = [(hooks.case_scores(a.run_dir), hooks.case_scores(b.run_dir)) for a, b in pairs]
     if all(sa is not None and sb is not None for sa, sb in scores):
-        unit = pipeline_cls.case_unit
+        unit = hooks.case_unit
         _, xa, xb = pair_cases([sa for sa, _ in scores], [sb for _, sb in scores], worst)
         rows.append(PairRow(lv, a0, b0, f"group.{worst}", wilcoxon_paired(xa, xb, unit)))
         rows += _bootstrap_rows(lv, a0, b0, scores, list(group_means), worst, unit)

@@ -13,6 +13,7 @@ from toy_pipeline import ToyPipeline
 from groupdistil.errors import UserError
 from groupdistil.experiments import plan, report, run_comparison, schema
 from groupdistil.io import atomic_write_json
+from groupdistil.pipeline import ComparisonHooks
 from groupdistil.stats import mean_std, pair_cases, paired_t, wilcoxon_paired
 from groupdistil.trainer import Trainer
 
@@ -21,11 +22,17 @@ TOY_RUN = {"pipeline": "toy", "model": {"width": 4}, "data": {"n_train": 64},
                      "device": "cpu"}}
 
 
+class CaseToyComparison(ComparisonHooks):
+    @classmethod
+    def case_scores(cls, run_dir):
+        return [tuple(r) for r in json.loads((Path(run_dir) / "cases.json").read_text())]
+
+
 class CaseToy(ToyPipeline):
     """The toy pipeline plus per-case test scores (1 correct / 0 wrong), for the paired per-case test."""
 
-    def evaluate(self, predict, split, out_dir=None, teacher=None):
-        out = super().evaluate(predict, split, out_dir, teacher)
+    def evaluate(self, predict, split, out_dir=None):
+        out = super().evaluate(predict, split, out_dir)
         if out_dir is not None and split == "test":
             d = self.splits["test"]
             ok = (predict(d["x"])["cls"].argmax(1).cpu() == d["cls"]).float().tolist()
@@ -33,9 +40,7 @@ class CaseToy(ToyPipeline):
             atomic_write_json(Path(out_dir) / "cases.json", rows)
         return out
 
-    @classmethod
-    def case_scores(cls, run_dir):
-        return [tuple(r) for r in json.loads((Path(run_dir) / "cases.json").read_text())]
+    comparison = CaseToyComparison
 
 
 def write_experiment(tmp_path, **keys):
@@ -58,11 +63,11 @@ def test_interrupted_comparison_continues_without_redoing_finished_runs(tmp_path
     built: list[str] = []
     build = Trainer.build
 
-    def counting_build(self):
+    def counting_build(self, status):
         built.append(self.run_dir.name)
         if len(built) == 3 and fail:
             raise RuntimeError("simulated crash")
-        build(self)
+        return build(self, status)
 
     monkeypatch.setattr(Trainer, "build", counting_build)
     fail = True
@@ -297,7 +302,7 @@ def test_robust_teacher_table_plans_and_runs_at_tiny_size(tmp_path):
     assert "kd teacher=groupdro" in md and "groupdistil teacher=erm" in md
     built = []
     orig = Trainer.build
-    Trainer.build = lambda self: built.append(self.run_dir.name) or orig(self)
+    Trainer.build = lambda self, status: built.append(self.run_dir.name) or orig(self, status)
     try:
         run_comparison(exp, tmp_path / "data", tmp_path / "out", pipeline_cls=CaseToy)  # all finished
     finally:
@@ -336,9 +341,9 @@ def test_reuse_copies_only_runs_with_the_very_same_config(tmp_path, monkeypatch)
     built: list[str] = []
     build = Trainer.build
 
-    def counting_build(self):
+    def counting_build(self, status):
         built.append(self.run_dir.name)
-        build(self)
+        return build(self, status)
 
     monkeypatch.setattr(Trainer, "build", counting_build)
     sweep = tmp_path / "sweep"

@@ -76,7 +76,8 @@ def test_selection_by_average_needs_no_group_labels(toy_cfg, tmp_path):
     evals = [json.loads(x) for x in (tmp_path / "avg" / "eval_log.jsonl").read_text().splitlines()]
     best = max(evals, key=lambda r: r["average_metric"])
     assert json.loads((tmp_path / "avg" / "metrics.json").read_text())["selected_step"] == best["step"]
-    assert t.best["step"] == best["step"]
+    assert torch.load(tmp_path / "avg" / "checkpoints" / "best.pt", weights_only=True)["step"] == best["step"]
+    assert t.result["selected_step"] == best["step"]
 
 
 def test_selection_by_worst_class(toy_cfg, tmp_path):
@@ -93,8 +94,8 @@ def test_selection_by_worst_class(toy_cfg, tmp_path):
         selection_score({"worst_group_metric": 0.2, "average_metric": 0.7}, "worst_class", "toy")
 
     class ClassToy(ToyPipeline):
-        def evaluate(self, predict, split, out_dir=None, teacher=None):
-            out = super().evaluate(predict, split, out_dir, teacher)
+        def evaluate(self, predict, split, out_dir=None):
+            out = super().evaluate(predict, split, out_dir)
             d = self.splits[split]
             ok = (predict(d["x"])["cls"].argmax(1).cpu() == d["cls"]).float()
             out["class_metric"] = {str(k): float(ok[d["cls"] == k].mean()) for k in (0, 1)}

@@ -12,6 +12,7 @@ from groupdistil.losses import TaskLoss, per_sample_ce
 from groupdistil.methods import METHODS
 from groupdistil.runtime import Runtime
 from groupdistil.sampling import StepBatchSampler, heldout_split
+from groupdistil.sampling import heldout_split
 from groupdistil.teacher import Teacher
 
 
@@ -43,7 +44,7 @@ def test_eg_identity_holds_for_every_signal(toy_cfg, teacher_dir, tmp_path, sign
         prev = q
     if signal == "heldout":
         groups = t.pipeline.train_groups()
-        held = t.heldout_idx
+        held = heldout_split(t.pipeline.train_cases(), groups, t.cfg["method_args"]["heldout_fraction"], t.cfg["seed"])
         for g in range(3):  # 10% of each group's samples (each its own case here)
             assert len(held[groups[held] == g]) == round(0.1 * int((groups == g).sum()))
         signals = [tuple(r["group_signal"]) for r in rows]

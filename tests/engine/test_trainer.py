@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from toy_pipeline import ToyPipeline, train_toy
 
 from groupdistil.config import deep_merge
 from groupdistil.errors import UserError
-from groupdistil.trainer import Trainer
+from groupdistil.trainer import Trainer, Training
 
 
 def run(cfg, out, **kw):
@@ -64,22 +65,22 @@ def test_same_seed_same_metrics_and_finished_run_not_retrained(toy_cfg, tmp_path
     assert "already finished" in capsys.readouterr().err
 
 
-def test_resume_from_checkpoint_gives_identical_metrics(toy_cfg, tmp_path):
+def test_resume_from_checkpoint_gives_identical_metrics(toy_cfg, tmp_path, monkeypatch):
     full = run(toy_cfg, tmp_path / "full")
     d = tmp_path / "part"
-    t = Trainer(copy.deepcopy(toy_cfg), ToyPipeline, d, d)
-    save_last = t.save_last
+    save_last = Training.save_last
 
     class Crash(Exception):
         pass
 
-    def save_and_crash(step):  # crash right after the step-6 checkpoint
-        save_last(step)
+    def save_and_crash(self, step):  # crash right after the step-6 checkpoint
+        save_last(self, step)
         raise Crash
 
-    t.save_last = save_and_crash
-    with pytest.raises(Crash):
-        t.run()
+    with monkeypatch.context() as m:
+        m.setattr(Training, "save_last", save_and_crash)
+        with pytest.raises(Crash):
+            Trainer(copy.deepcopy(toy_cfg), ToyPipeline, d, d).run()
     assert not (d / "metrics.json").exists()
     resumed = run(toy_cfg, d)
     assert resumed == full
@@ -184,3 +185,32 @@ def test_tensorboard_event_files_have_the_logged_tags(toy_cfg, tmp_path):
     assert [e.value for e in ea.Scalars("train/group_weight/g0")] == pytest.approx([r["group_weight"][0] for r in rows])
     evals = [json.loads(x) for x in (tmp_path / "tb" / "eval_log.jsonl").read_text().splitlines()]
     assert set(evals[0]["group_metric"]) == {"g0", "g1", "g2"}  # per-group validation values in eval_log.jsonl
+
+
+def test_trainer_classes_are_whole_when_constructed():
+    """Every attribute of Trainer and Training is first assigned in ``__init__`` (none appears later, set by a method
+    that must have been called first): an AST scan of groupdistil/trainer.py."""
+    import ast
+
+    import groupdistil.trainer as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    classes = {c.name: c for c in tree.body if isinstance(c, ast.ClassDef)}
+    assert {"Trainer", "Training"} <= set(classes)
+    for name in ("Trainer", "Training"):
+        methods = {f.name: f for f in classes[name].body if isinstance(f, ast.FunctionDef)}
+
+        def assigned(fn):
+            out = set()
+            for node in ast.walk(fn):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
+                    if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+                for t in targets:
+                    for e in ast.walk(t):
+                        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self":
+                            out.add(e.attr)
+            return out
+
+        in_init = assigned(methods["__init__"])
+        later = {(m, a) for m, f in methods.items() if m != "__init__" for a in assigned(f) - in_init}
+        assert not later, f"{name}: attributes first assigned outside __init__: {sorted(later)}"
