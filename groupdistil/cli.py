@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import parse_set, read_text
+from .config import parse_set
+from .yamlfile import read_text
 from .errors import UserError
 from .rundir import finished_with, record_request, request_key, tree_signature
 

@@ -107,11 +107,15 @@ def heldout_split(cases: list[str], groups: torch.Tensor, fraction: float, seed:
 
 
 def heldout_batches(dataset: Any, held: torch.Tensor, batch_size: int, device: torch.device, rank: int = 0,
-                    world_size: int = 1) -> list[dict[str, torch.Tensor]]:
+                    world_size: int = 1, groups: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
     """This rank's share of the held-out samples ``held`` (dataset indices; keys ``(index, 0)``), as batches on
-    ``device``."""
+    ``device``; ``groups`` (on ``device``, indexed by dataset index) replaces each sample's group when given."""
     from torch.utils.data import DataLoader
 
     keys = [(int(i), 0) for i in held[rank::world_size]]
     loader = DataLoader(dataset, batch_sampler=[keys[k:k + batch_size] for k in range(0, len(keys), batch_size)])
-    return [{k: v.to(device) for k, v in b.items()} for b in loader]
+    batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
+    if groups is not None:
+        for b in batches:
+            b["group"] = groups[b["index"]]
+    return batches

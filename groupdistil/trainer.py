@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed as dist_utils
-from .checkpoint import CKPT_FORMAT, load_checkpoint, rng_state, set_rng_state, weights_identity
+from .checkpoint import CKPT_FORMAT, init_from, load_checkpoint, rng_state, set_rng_state, weights_identity
 from .config import config_hash, dump_yaml, select_method_args
 from .errors import UserError
 from .final import final_evaluation
@@ -70,16 +70,19 @@ class Trainer:
         self.device = pick_device(self.t["device"])
         self.main = dist_utils.is_main()
         seed_everything(cfg["seed"])
-        self.method_cls = _method_class(cfg["method"])
+        try:
+            self.method_cls: type[Method] = METHODS.get(cfg["method"])
+        except KeyError as e:
+            raise UserError(str(e).strip("'\"")) from None
         select_method_args(cfg, cfg["method_args"], "method_args")  # defaults filled, ranges checked
         self.inferring = cfg["grouping"]["mode"] != "labels"
-        if (self.method_cls.needs_teacher or self.inferring) and not teacher_path:
+        uses_teacher = self.method_cls.needs_teacher or self.inferring
+        if uses_teacher and not teacher_path:
             why = (f"method '{cfg['method']}' distils a teacher" if self.method_cls.needs_teacher else
                    f"grouping.mode '{cfg['grouping']['mode']}' infers the groups from a teacher")
             raise UserError(f"{why}: give --teacher RUN_DIR (a run of configs/{pipeline_cls.name}_teacher.yaml)")
         #: the teacher (None for a method without one), opened and so checked before anything is written
-        self.teacher = TeacherSource.open(str(teacher_path), pipeline_cls, cfg) if (
-            self.method_cls.needs_teacher or self.inferring) else None
+        self.teacher = TeacherSource.open(str(teacher_path), pipeline_cls, cfg) if uses_teacher else None
         self.pipeline = pipeline_cls(cfg, data_root)
         if self.teacher is not None:
             self.teacher.check(self.pipeline, cfg)
@@ -170,10 +173,8 @@ class Training:
             raise UserError(f"loss.heads names {unknown}, which the {pipeline.name} model does not have; "
                             f"valid: {sorted(pipeline.heads)}")
         self.student = pipeline.model_for(cfg)
-        if trainer.init_path and not (self.run_dir / "checkpoints" / "last.pt").is_file():  # a resumed run has
-            from .checkpoint import init_from  # its own weights
-
-            log(init_from(self.student, trainer.init_path))
+        if trainer.init_path and not (self.run_dir / "checkpoints" / "last.pt").is_file():  # (a resumed run has
+            log(init_from(self.student, trainer.init_path))  # its own weights)
         self.student = self.student.to(self.device)
         if self.device.type == "cuda" and t["channels_last"]:
             self.student = self.student.to(memory_format=torch.channels_last)
@@ -185,11 +186,10 @@ class Training:
         distiller = self.teacher.distiller(pipeline, self.dataset, self.runtime, cfg) \
             if trainer.method_cls.needs_teacher else None
         #: the groups training weighs: the pipeline's, or inferred from the teacher (``grouping.mode``)
-        self.inferred = self.infer_groups() if trainer.inferring else None
-        self.groups = self.inferred.groups if self.inferred is not None else pipeline.train_groups()
-        self.group_names = self.inferred.names if self.inferred is not None else list(cfg["groups"])
-        self.counts = self.inferred.counts if self.inferred is not None else list(pipeline.train_group_counts)
-        self.inferred_device = self.inferred.groups.to(self.device) if self.inferred is not None else None
+        inf = self.inferred = self.infer_groups() if trainer.inferring else None
+        self.groups, self.group_names, self.counts = (inf.groups, inf.names, inf.counts) if inf is not None else (
+            pipeline.train_groups(), list(cfg["groups"]), list(pipeline.train_group_counts))
+        self.inferred_device = inf.groups.to(self.device) if inf is not None else None
         #: training samples the sampler never draws (whole cases, for the ``heldout`` signal)
         needs_heldout = trainer.method_cls.needs_heldout(cfg["method_args"])
         self.heldout_idx = self.held_out_indices() if needs_heldout else torch.zeros(0, dtype=torch.long)
@@ -199,7 +199,9 @@ class Training:
             if needs_heldout else self.counts
         self.method: Method = trainer.method_cls(
             self.student, TaskLoss(heads, cfg["loss"]), n, counts, cfg["method_args"], teacher=distiller,
-            runtime=self.runtime, heldout=self.heldout_batches() if needs_heldout else None).to(self.device)
+            runtime=self.runtime, heldout=heldout_batches(
+                self.dataset, self.heldout_idx, t["batch_size"], self.device, dist_utils.rank(),
+                dist_utils.world_size(), self.inferred_device) if needs_heldout else None).to(self.device)
         note = self.method.prepare(self.dataset, self.groups, t["batch_size"])
         if note:
             log(note)
@@ -223,31 +225,18 @@ class Training:
         return inf
 
     def held_out_indices(self) -> torch.Tensor:
-        cfg = self.trainer.cfg
-        cases = self.trainer.pipeline.train_cases()
+        cfg, cases = self.trainer.cfg, self.trainer.pipeline.train_cases()
         idx = heldout_split(cases, self.groups, cfg["method_args"]["heldout_fraction"], cfg["seed"])
         if not len(idx):
             raise UserError("method_args.signal 'heldout': no group has two or more training cases to hold one out")
-        held = sorted({cases[i] for i in idx.tolist()})
-        log(f"held out of training for the heldout signal: {len(idx)} samples of {len(held)} cases")
+        log(f"held out of training for the heldout signal: {len(idx)} samples of "
+            f"{len({cases[i] for i in idx.tolist()})} cases")
         return idx
-
-    def heldout_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This rank's share of the held-out samples as batches on the device (groups as training sees them)."""
-        batches = heldout_batches(self.dataset, self.heldout_idx, self.trainer.t["batch_size"], self.device,
-                                  dist_utils.rank(), dist_utils.world_size())
-        for b in batches:
-            if self.inferred_device is not None:
-                b["group"] = self.inferred_device[b["index"]]
-        return batches
 
     def loader(self, start_step: int) -> DataLoader:
         t = self.trainer.t
-        keep = None
-        if len(self.heldout_idx):
-            mask = torch.ones(len(self.dataset), dtype=torch.bool)
-            mask[self.heldout_idx] = False
-            keep = mask.nonzero().flatten()
+        keep = torch.ones(len(self.dataset), dtype=torch.bool).index_fill_(0, self.heldout_idx, False).nonzero() \
+            .flatten() if len(self.heldout_idx) else None  # the held-out samples are never drawn
         sampler = StepBatchSampler(len(self.dataset), t["batch_size"], self.trainer.cfg["seed"], start_step,
                                    self.groups if t["balanced_sampling"] else None, dist_utils.rank(),
                                    dist_utils.world_size(), keep)
@@ -356,10 +345,3 @@ def selection_score(rec: dict[str, Any], selection: str, pipeline: str) -> float
         raise UserError(f"train.selection worst_class: the {pipeline} pipeline's evaluation reports no per-class "
                         f"metric (class_metric); use worst_group or average")
     return min(rec["class_metric"].values())
-
-
-def _method_class(name: str) -> type[Method]:
-    try:
-        return METHODS.get(name)
-    except KeyError as e:
-        raise UserError(str(e).strip("'\"")) from None

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import load_yaml, read_text
+from ..yamlfile import load_yaml, read_text
 from ..rundir import finished_with, record_request, request_key, tree_signature
 
 
