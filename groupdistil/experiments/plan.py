@@ -137,7 +137,7 @@ def plan_runs(exp: Experiment, data_root: Path, out: Path, pipeline_cls: type[Pi
                 for params in variants if method in exp.sweep_methods else [{}]:
                     cfg = deep_merge(students[method], {"seed": seed, **nest(params)})
                     select_method_args(cfg, nest(params).get("method_args") or {}, f"{src}: key 'sweep'")
-                    check_ranges(cfg, f"{src}: key 'sweep'")
+                    check_ranges(cfg, f"{src}: key 'sweep'", pipeline_cls)
                     for tm in (teachers if needs else [""]):
                         p = {**params, "teacher": tm} if tm else params
                         name = "__".join(filter(None, [method, label(p), f"seed={seed}"]))
