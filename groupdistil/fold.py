@@ -1,9 +1,9 @@
 """Inference-time folding of BatchNorm into the convolution that feeds it (CPU predictors, issue 17).
 
 In eval mode a BatchNorm is an affine map per channel, so ``bn(conv(x))`` is one convolution with scaled weights and
-a shifted bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``). On the CPU the small M&Ms student spends a tenth to a
-quarter of its forward pass in BatchNorm kernels over full-resolution, few-channel maps (``benchmarks/README.md``);
-folded, they cost nothing.
+a shifted bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``). On the CPU a small student's BatchNorm kernels over
+its full-resolution, few-channel maps are a measurable share of its forward pass (``benchmarks/README.md``); folded,
+they do not run at all.
 
 Which BatchNorm follows which convolution is read from the data flow of one forward pass (the BatchNorm's input *is*
 the convolution's output tensor), not from module names or registration order; a pair is folded only when both

@@ -232,8 +232,8 @@ class Runtime:
         On the CPU the predictor runs a channels_last copy of ``model`` as it is now (the trainer makes one predictor
         per evaluation; make a new one after the weights change) with its BatchNorms folded into the convolutions
         that feed them (:func:`groupdistil.fold.fold_for_inference`: checked on a small synthetic input, the unfolded
-        copy kept when the outputs differ): the few-channel, full-resolution convolutions of a small student run much
-        faster in that layout, and without BatchNorm kernels (``benchmarks/README.md``). The logits agree with
+        copy kept when the outputs differ): the few-channel, full-resolution convolutions of a small student run faster
+        in that layout, and the folded copy runs no BatchNorm kernels (``benchmarks/README.md``). The logits agree with
         ``model``'s to float32 rounding, and the trained model itself is untouched (CPU training is unchanged).
         Elsewhere ``model`` is used as it is (the trainer already keeps CUDA models channels_last with
         ``train.channels_last``)."""

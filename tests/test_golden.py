@@ -24,7 +24,7 @@ post-training metrics are **not** pinned. What is checked:
 
 The losses and metrics themselves are pinned on fixed tensors in ``tests/test_regression_numerics.py``, the
 synthetic data in ``tests/test_regression_synthetic.py``. Tolerances and how they were measured:
-``tests/REPRODUCIBILITY.md``. Regenerate the pins on purpose (say why in the commit):
+``docs/reproducibility.md``. Regenerate the pins on purpose (say why in the commit):
 
     GROUPDISTIL_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py tests/test_regression_*.py
 
@@ -67,7 +67,7 @@ RERUN = "mms/groupdistil"  # run twice: the same-machine determinism check
 #: the first logged loss goes through convolutions: relative band. Measured spread across thread counts 1/2,
 #: channels_last, ATEN_CPU_CAPABILITY default/avx2/avx512, oneDNN/MKL ISA limits, numpy SIMD off, older numpy /
 #: scipy / monai / smp / nibabel, torch 2.13 and the newest packages: at most 1.2e-5 (a one-image group loss
-#: under channels_last), 1.2e-6 on batch means (tests/REPRODUCIBILITY.md)
+#: under channels_last), 1.2e-6 on batch means (docs/reproducibility.md)
 REL_FIRST_STEP, ABS_FIRST_STEP = 1e-4, 1e-6
 #: Waterbirds inputs are resized by Pillow (``waterbirds_pipeline.data.decode_image``), whose resampling rounds
 #: differently between versions (11.3 vs 13.0: +-1 in 5% of the uint8 values), which moved the first Waterbirds

@@ -13,7 +13,7 @@ What is pinned (values in ``tests/golden.json``, section ``numerics``):
 
 Besides the pins, the KD term and the EG step are checked against float64 re-implementations of their formulas.
 
-Tolerances are measured (tests/REPRODUCIBILITY.md): float32 values moved by at most ~1e-6 relative (3e-8
+Tolerances are measured (docs/reproducibility.md): float32 values moved by at most ~1e-6 relative (3e-8
 absolute) between torch CPU kernels (``ATEN_CPU_CAPABILITY`` default / avx2 / avx512), thread counts, oneDNN/MKL
 ISA limits, numpy SIMD levels and package versions; ``REL_FLOAT32`` is well above that and far below a real
 change (dropping the tau^2 of the KD term or flipping the sign of the EG step moved the pinned values by 4e-4 to
@@ -51,7 +51,7 @@ UPDATE = os.environ.get("GROUPDISTIL_UPDATE_GOLDEN") == "1"
 SECTION = "numerics"
 
 #: float32 losses, EG weights and one SGD step on fixed tensors. Measured spread over every variant tried
-#: (tests/REPRODUCIBILITY.md): losses <= 6e-8 relative, group weights <= 3.3e-7, weights after one SGD step
+#: (docs/reproducibility.md): losses <= 6e-8 relative, group weights <= 3.3e-7, weights after one SGD step
 #: <= 3e-8 absolute (1.1e-6 relative on a small weight); the bands are ~10-30x that
 REL_FLOAT32, ABS_FLOAT32 = 1e-5, 1e-6
 #: float64 metrics on integer geometry (measured spread: 0)

@@ -10,7 +10,7 @@ seed 0; Waterbirds scale 0.02, 40-56 px, seed 0):
   affines (stored as float32 in the NIfTI header), and the mean of each decoded Waterbirds JPEG per channel
   (JPEG decoding, polygon rasterisation and float-to-uint8 truncation can move single pixels).
 
-The tolerances are measured (tests/REPRODUCIBILITY.md): with numpy's AVX2/AVX-512 kernels disabled
+The tolerances are measured (docs/reproducibility.md): with numpy's AVX2/AVX-512 kernels disabled
 (``NPY_DISABLE_CPU_FEATURES``), with torch kernels and thread counts changed, and with older numpy / scipy / pillow
 (2.2 / 1.16 / 11.3 instead of 2.4 / 1.17 / 13.0) the values above did not move at all; only the pipeline's resized
 Waterbirds inputs (Pillow's resampling) moved, by 0.04 on a channel mean. The bands allow a few flipped voxels or
