@@ -351,7 +351,7 @@ def mms_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
     every mode (``--quick`` shrinks the training suites' images, not this one: the ratio is a property of the size
     that is deployed; fixed per-layer costs weigh more at a smaller size)."""
     pipe = pb.cls(deep_merge(pb.student, {"data": {"roi": pb.configured_data["roi"]}}), pb.root)
-    image = pipe.case("test", 0).phases["ED"].image
+    image = pipe.evaluation.case("test", 0).phases["ED"].image
     student, teacher = pb.models()
     models = {"student": student, "teacher": teacher}
     whole: dict[str, list[float]] = {"student": [], "teacher": []}
@@ -359,10 +359,10 @@ def mms_latency_suite(pb: PipelineBench, sz: Sizes) -> list[Result]:
     def run(role: str) -> Callable[[], float]:
         def once() -> float:  # the SliceInferer seconds predict_volume reports; the whole path's kept beside
             predict = predictor(models[role])  # a fresh copy each repeat, as each evaluation makes one
-            pipe.predict_volume(predict, image)  # warm-up, untimed
+            pipe.inference.predict_volume(predict, image)  # warm-up, untimed
             infer, start = 0.0, time.perf_counter()
             for _ in range(sz.latency_calls):
-                infer += pipe.predict_volume(predict, image)[2]
+                infer += pipe.inference.predict_volume(predict, image)[2]
             whole[role].append((time.perf_counter() - start) / sz.latency_calls)
             return infer / sz.latency_calls
 

@@ -1,20 +1,18 @@
 """Saving predictions in the native geometry of the input.
 
 Predictions come back from the working space of :func:`mms_pipeline.transforms.preprocess` (in-plane ``Spacingd``
-and ``ResizeWithPadOrCropd``) through MONAI ``Invertd`` (:attr:`mms_pipeline.pipeline.MMSPipeline.inverter`); the
-prediction passed to ``Invertd`` must be a MetaTensor, or ``Invertd`` skips it with a warning. MONAI recomputes the
-native affine in float64 (off by ~1e-15), so :func:`save_prediction` writes the input file's own geometry instead.
+and ``ResizeWithPadOrCropd``) through MONAI ``Invertd`` (:attr:`mms_pipeline.inference.VolumeInference.inverter`);
+the prediction passed to ``Invertd`` must be a MetaTensor, or ``Invertd`` skips it with a warning. MONAI recomputes
+the native affine in float64 (off by ~1e-15), so :func:`save_prediction` writes the input file's own geometry instead.
 
 :func:`invert_inplane` is the fast path of that inversion for the pipeline's own preprocessing: ``Spacingd`` keeps the
 slice spacing, so each native slice comes from one fixed position between two working slices, and the trilinear
 resampling is a blend of those two slices followed by a 2-D bilinear warp with the slices as the batch (``grid_sample``
-2-D, vectorised on the CPU) instead of ``Invertd``'s 3-D one; the warp's sampling grid is computed directly
-(:func:`pixel_affine_grid`, as MONAI's ``AffineTransform`` would, without its batched 3-column matrix product). Measured
-on the benchmark's 20 synthetic volumes (median per volume): ``Invertd`` 9.6-11.4 ms, the 2-D path with
-``AffineTransform`` 2.7-3.3 ms (2 threads), with the direct grid 4.1 ms against 7.6 ms for ``AffineTransform`` (1
-thread, busy machine); the same probabilities to float32 rounding (largest difference 1.8e-5 on random probability
-maps), hence the same labels but at exact near-ties. It reads the same MONAI trace (``image.applied_operations``);
-anything else falls back to ``Invertd``.
+2-D, vectorised on the CPU) instead of ``Invertd``'s 3-D one, which costs several times more per volume; the warp's
+sampling grid is computed directly (:func:`pixel_affine_grid`, as MONAI's ``AffineTransform`` would, without its
+batched 3-column matrix product). It gives ``Invertd``'s probabilities to float32 rounding, hence the same labels but
+at exact near-ties (``tests/mms/test_geometry.py`` bounds the difference). It reads the same MONAI trace
+(``image.applied_operations``); anything else falls back to ``Invertd``.
 """
 from __future__ import annotations
 

@@ -1,41 +1,24 @@
 """2-D U-Nets (segmentation_models_pytorch) with an optional classification head, returning ``{head: logits}``.
 
-The pair of ``configs/mms*.yaml``, measured 2026-12-06 on a 2-core AMD EPYC VM (``python -m mms_pipeline.models
-[THREADS]`` reproduces it; inference as evaluation runs it, :meth:`groupdistil.runtime.Runtime.predictor`: a
-channels_last copy with BatchNorm folded into the convolutions; volume = 8 slices of 96 x 96; training step = batch
-16, AdamW, cross-entropy; median of 8 interleaved repeats, the range over 2 runs at 1 thread and 3 at 2 threads: the
-VM's speed moved by up to a third between runs minutes apart):
-
-=======================================================  ========  =========================  ====================
-model                                                    params    inference / volume         training step
-                                                                   1 thread / 2 threads       1 / 2 threads
-=======================================================  ========  =========================  ====================
-teacher ``resnet18``, decoder (128, 64, 32, 16, 16)      12.46 M   98-105 ms / 57-62 ms       0.75-0.86 / 0.44-0.51 s
-student ``tu-tf_mobilenetv3_small_minimal_100``,         0.65 M    25-31 ms / 17-23 ms        0.25-0.27 / 0.17-0.21 s
-decoder (32, 16, 16, 16, 16)                                       (0.26-0.30 / 0.30-0.37)
-=======================================================  ========  =========================  ====================
-
-The student has 19x fewer parameters but is only 3-4x faster: the two 16-channel convolutions of the last decoder
-stage and the segmentation head run at full resolution in both models and cost the same there (about 1.4 ms each
-for 7 x 96 x 96 at 2 threads, whatever their channel count: memory-bound). A student without that stage (logits
-upsampled from half resolution) was 0.22 of the teacher but measured worse and less stable on M&Ms (README); so
-were lighter versions of that stage (``separable_stages``, ``separable_head``, ``head_kernel``: 0.19-0.24 of the
-teacher).
+The configs' student (``configs/mms.yaml``: a ``tu-tf_mobilenetv3_small_minimal_100`` encoder) has far fewer
+parameters than the teacher (``configs/mms_teacher.yaml``: ``resnet18``) but is not faster in proportion: the two
+16-channel convolutions of the last decoder stage and the segmentation head run at full resolution in both models,
+and there they cost the same whatever their channel count (memory-bound). A student without that stage (logits
+upsampled from half resolution), or with lighter convolutions there, measured worse on M&Ms (README).
+``benchmarks/mms_models.py`` measures both models: parameters, inference per volume as evaluation runs it, one
+training step.
 
 Depthwise convolutions (MobileNet) slow down badly when torch threads outnumber free cores: use one thread per
 free core (``OMP_NUM_THREADS``).
 """
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 from urllib.parse import urlparse
 
 import safetensors.torch
 import segmentation_models_pytorch as smp
-from segmentation_models_pytorch.base import initialization as smp_init
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
@@ -43,7 +26,6 @@ from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from groupdistil.errors import UserError
-from groupdistil.runtime import count_params
 
 
 #: the pathology heads (``model.cls_head``): ``indices`` (the default) decides from the clinical indices of the
@@ -171,28 +153,6 @@ def _pretrained_unet(encoder: str, in_channels: int, **kwargs: Any) -> nn.Module
     return net
 
 
-def _depthwise3x3_bn(channels: int) -> list[nn.Module]:
-    """Depthwise 3 x 3 convolution (no bias) and its BatchNorm: the first half of a separable convolution."""
-    return [nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False), nn.BatchNorm2d(channels)]
-
-
-def separable_conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """A depthwise-separable stand-in for smp's ``Conv2dReLU`` 3 x 3 (MobileNet's block): depthwise 3 x 3, BatchNorm,
-    ReLU, pointwise 1 x 1, BatchNorm, ReLU. Both BatchNorms fold into their convolutions at inference
-    (:mod:`groupdistil.fold`)."""
-    block = nn.Sequential(*_depthwise3x3_bn(in_channels), nn.ReLU(inplace=True),
-                          nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels),
-                          nn.ReLU(inplace=True))
-    smp_init.initialize_decoder(block)
-    return block
-
-
-def separable_head_conv(in_channels: int, classes: int) -> nn.Sequential:
-    """The segmentation head's 3 x 3 convolution factored as depthwise 3 x 3, BatchNorm, 1 x 1 to the classes (no
-    activation between: a low-rank 3 x 3 convolution, still a 3 x 3 view of the last features)."""
-    return nn.Sequential(*_depthwise3x3_bn(in_channels), nn.Conv2d(in_channels, classes, 1))
-
-
 def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
     """With fewer than 5 decoder stages, timm's MobileNet / EfficientNet feature models still hold and run the deeper
     blocks whose output no stage reads: cut them (same weights, same outputs; the parameters count and the forward
@@ -204,35 +164,26 @@ def _drop_unused_encoder_blocks(encoder: nn.Module) -> None:
         model.blocks = model.blocks[:max(stages)]
 
 
+def check_encoder(encoder: str) -> None:
+    """``model.encoder`` names an smp encoder or a timm model (``tu-<name>``); else a UserError listing the valid
+    names (the registries decide, so this is not a config rule)."""
+    known = smp.encoders.get_encoder_names()
+    if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
+        raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
+                        f"{', '.join(known)}")
+
+
 def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str, int], in_channels: int = 1,
-               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder", head_kernel: int = 3,
-               separable_stages: int = 0, separable_head: bool = False) -> SegClsNet:
+               dropout: float = 0.2, pretrained: bool = False, cls_head: str = "encoder") -> SegClsNet:
     """``smp.Unet(encoder, encoder_weights=None, ...)``; a ``cls`` head when ``heads`` has one: ``cls_head``
     ``encoder`` (avg pooling on the deepest encoder features) or ``morphology`` (:class:`MorphologyHead`).
     ``pretrained``: the encoder's ImageNet weights from the local cache (see :func:`cached_encoder_weights`); never
     downloaded: when they are not cached, a UserError says what to do.
 
     One decoder stage per entry of ``decoder_channels``: 5 uses the encoder down to stride 32 (smp's default), 4
-    stops at stride 16 (3 at stride 8). ``head_kernel``: the segmentation head's convolution, 3 x 3 (smp's) or 1 x 1
-    (a per-pixel linear read-out, as the original U-Net's). ``separable_stages``: the last N decoder stages use
-    depthwise-separable convolutions (:func:`separable_conv_relu`) instead of full 3 x 3 ones; ``separable_head``: the
-    3 x 3 head as a depthwise 3 x 3 convolution, BatchNorm and a 1 x 1 convolution to the classes."""
-    if not 3 <= len(decoder_channels) <= 5:
-        raise UserError(f"model.decoder_channels: one entry per decoder stage, 3 to 5 of them (the encoder depth), "
-                        f"got {list(decoder_channels)}")
-    if head_kernel not in (1, 3):
-        raise UserError(f"model.head_kernel: 1 or 3, got {head_kernel!r}")
-    if not 0 <= separable_stages <= len(decoder_channels):
-        raise UserError(f"model.separable_stages: 0 to {len(decoder_channels)} (the decoder stages), got "
-                        f"{separable_stages!r}")
-    if separable_head and head_kernel != 3:
-        raise UserError(f"model.separable_head: needs model.head_kernel 3, got {head_kernel}")
-    known = smp.encoders.get_encoder_names()
-    if encoder not in known and not (encoder.startswith("tu-") and timm.is_model(encoder[3:])):
-        raise UserError(f"model.encoder: unknown encoder '{encoder}'; valid: 'tu-<timm model name>' or one of "
-                        f"{', '.join(known)}")
-    if cls_head not in CLS_HEADS:
-        raise UserError(f"model.cls_head: unknown head '{cls_head}'; valid: {', '.join(CLS_HEADS)}")
+    stops at stride 16 (3 at stride 8). The config's values were checked by the pipeline's rules
+    (:data:`mms_pipeline.config.RULES`); the encoder name is checked here (:func:`check_encoder`)."""
+    check_encoder(encoder)
     morphology = None
     if "cls" in heads and cls_head == "morphology":
         morphology = MorphologyHead(int(heads["cls"]), dropout=float(dropout))
@@ -249,61 +200,4 @@ def build_unet(encoder: str, decoder_channels: Sequence[int], heads: Mapping[str
         raise UserError(f"model: cannot build Unet('{encoder}', decoder_channels={list(decoder_channels)}"
                         f"{', pretrained' if pretrained else ''}): {exc}") from None
     _drop_unused_encoder_blocks(net.encoder)
-    if head_kernel != 3 or separable_head:
-        conv = net.segmentation_head[0]
-        net.segmentation_head[0] = (
-            separable_head_conv(conv.in_channels, conv.out_channels) if separable_head
-            else nn.Conv2d(conv.in_channels, conv.out_channels, head_kernel, padding=head_kernel // 2))
-        smp_init.initialize_head(net.segmentation_head)
-    for block in list(net.decoder.blocks)[len(net.decoder.blocks) - separable_stages:] if separable_stages else []:
-        block.conv1 = separable_conv_relu(block.conv1[0].in_channels, block.conv1[0].out_channels)
-        block.conv2 = separable_conv_relu(block.conv2[0].in_channels, block.conv2[0].out_channels)
     return SegClsNet(net, classify=aux is not None, morphology=morphology)
-
-
-def _benchmark(threads: int = 1) -> None:
-    """Parameters, inference per volume (as evaluation runs it: :meth:`groupdistil.runtime.Runtime.predictor`) and
-    one training step (batch 16, AdamW, cross-entropy) of the models of ``configs/mms_teacher.yaml`` and
-    ``configs/mms.yaml``, interleaved, at ``threads`` threads."""
-    import yaml
-
-    from groupdistil.runtime import Runtime
-
-    torch.set_num_threads(threads)
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    models = {}
-    from mms_pipeline.pipeline import MMSPipeline  # (the pipeline imports this module)
-
-    for role, name in (("teacher", "mms_teacher.yaml"), ("student", "mms.yaml")):
-        cfg = MMSPipeline.with_defaults(yaml.safe_load((configs / name).read_text()))
-        models[role] = (cfg["model"], MMSPipeline.build_model(cfg))  # the network the config's runs train
-    x, batch = torch.randn(8, 1, 96, 96), torch.randn(16, 1, 96, 96)
-    target = torch.randint(0, 4, (16, 96, 96))
-    infer: dict[str, list[float]] = {role: [] for role in models}
-    train: dict[str, list[float]] = {role: [] for role in models}
-    opts = {role: torch.optim.AdamW(net.parameters()) for role, (_, net) in models.items()}
-    for repeat in range(8):
-        for role, (_, net) in models.items():
-            predict = Runtime().predictor(net)
-            predict(x)  # warm-up
-            start = time.perf_counter()
-            predict(x)
-            infer[role].append(time.perf_counter() - start)
-            net.train()
-            start = time.perf_counter()
-            loss = nn.functional.cross_entropy(net(batch)["seg"], target)
-            opts[role].zero_grad()
-            loss.backward()
-            opts[role].step()
-            train[role].append(time.perf_counter() - start)
-    for role, (m, net) in models.items():
-        print(f"{role:8s} {m['encoder']:36s} decoder {list(m['decoder_channels'])}: "
-              f"{count_params(net) / 1e6:5.2f} M params, {statistics.median(infer[role]) * 1e3:6.1f} ms / volume "
-              f"(8 x 96 x 96), "
-              f"{statistics.median(train[role]):5.2f} s / training step (batch 16)")
-
-
-if __name__ == "__main__":
-    import sys
-
-    _benchmark(int(sys.argv[1]) if len(sys.argv) > 1 else 1)

@@ -1,32 +1,16 @@
-"""M&Ms-1 report (``report.md`` + ``report.html``) and the example slices it shows.
+"""M&Ms-1 report (``report.md`` + ``report.html``).
 
 Inputs in the run folder besides ``metrics`` and ``info``:
 
 - ``per_case.csv`` (:func:`mms_pipeline.metrics.write_per_case_csv`, written by the final test evaluation): box
   plots and per-phase tables;
-- ``examples.npz`` (:func:`save_examples`), layout, for ``n`` examples ``i = 0 .. n-1``:
+- ``examples.npz`` (:mod:`mms_pipeline.examples`): the best and the worst case per group, as one slice each.
 
-  ========================  ================  ==========================================================
-  key                       dtype, shape      content
-  ========================  ================  ==========================================================
-  ``image_{i}``             float32 (X, Y)    image slice (native geometry, slice ``slice[i]`` of (X, Y, Z))
-  ``gt_{i}``, ``pred_{i}``  uint8 (X, Y)      ground truth and predicted labels of that slice
-  ``caption``               str (n,)          one line describing the example
-  ``vendor``, ``group``,    str (n,)          vendor, group (vendor or centre, as the run was grouped), ``"best"``
-  ``kind``, ``name``,                         or ``"worst"``, case name, phase (``group`` absent in older files)
-  ``phase``
-  ``dice``                  float64 (n,)      mean Dice (LV, MYO, RV) of the 3-D case
-  ``slice``                 int64 (n,)        index of the slice along z
-  ========================  ================  ==========================================================
-
-The data pipeline fills it with an :class:`ExampleCollector` during the test evaluation: per group of the run's
-``data.group_by`` (vendor or centre) it keeps the case with the best and the worst mean Dice, and of each the
-mid-ventricular slice with the most foreground. Every section of the report is per that grouping (``info["group_by"]``,
-else inferred from the group names): headline, tables, intervals, box plots, examples; the other grouping is folded.
+Every section of the report is per the run's grouping (``info["group_by"]``, else inferred from the group names):
+headline, tables, intervals, box plots, examples; the other grouping is folded.
 """
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,126 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
-from groupdistil.io import atomic_write_bytes
 from groupdistil.report import Doc, fmt, fmt_mean_std, save_figure, timing_note
 from groupdistil.stats import BOOT_SEED, N_BOOT, GroupBootstrap, bootstrap_group_means
 
-from .data import VENDOR_CENTRES, VENDOR_NAMES
+from .examples import EXAMPLES_FILE, EXAMPLES_PNG, examples_figure, load_examples
 from .metrics import CLINICAL_INDICES, EMPTY_DISTANCE, MEAN_DICE, STRUCTURES, mean_dice, read_per_case_csv, summarise
+from .splits import group_name
 
 PER_CASE_FILE = "per_case.csv"
-EXAMPLES_FILE = "examples.npz"
 BOXPLOT_FILE = "report_dice_boxplot.png"
-EXAMPLES_PNG = "report_examples.png"
-_STR_FIELDS = ("caption", "vendor", "group", "kind", "name", "phase")
-#: overlay colours of LV, MYO, RV
-_COLOURS = ListedColormap([(0, 0, 0, 0), (0.9, 0.2, 0.2, 0.5), (0.2, 0.8, 0.2, 0.5), (0.2, 0.4, 1.0, 0.5)])
 EMPTY_NOTE = (
     f"Empty predictions are scored as in the challenge: a structure missing from the prediction (or from the ground "
     f"truth) gets Dice = Jaccard = 0 and Hausdorff = HD95 = ASSD = {EMPTY_DISTANCE:g}; those -1 entries are excluded "
     f"from the distance means and counted as 'excluded'. A structure absent from both gets Dice = 1 and distance 0."
 )
-
-
-# --- example slices -----------------------------------------------------------------------------------------------
-def example_slice(gt: np.ndarray, pred: np.ndarray) -> int:
-    """Index along z of the slice with the most ground-truth foreground within the middle third of the slices
-    that hold any (the prediction when the truth is empty; the middle slice when both are)."""
-    fg = np.count_nonzero(gt > 0, axis=(0, 1))
-    if not fg.any():
-        fg = np.count_nonzero(pred > 0, axis=(0, 1))
-    if not fg.any():
-        return gt.shape[2] // 2
-    idx = np.flatnonzero(fg)
-    lo, hi = int(idx[0]), int(idx[-1])
-    third = (hi - lo + 1) // 3
-    a, b = lo + third, hi - third
-    return a + int(np.argmax(fg[a:b + 1]))
-
-
-@dataclass
-class _Candidate:
-    dice: float
-    example: dict[str, Any]
-
-
-class ExampleCollector:
-    """Keeps, per group (the per-case column ``key``: ``Vendor``, or ``Centre`` with ``data.group_by: centre``), the
-    3-D cases with the best and the worst mean Dice, as one 2-D slice each.
-
-    Call :meth:`add` for every evaluated volume (row: its per-case row; image, gt, pred: (X, Y, Z) arrays in
-    native geometry), then :meth:`examples` or :meth:`save`. Memory: two slices per group.
-    """
-
-    def __init__(self, key: str = "Vendor") -> None:
-        self.key = key
-        self._best: dict[str, _Candidate] = {}
-        self._worst: dict[str, _Candidate] = {}
-
-    def add(self, row: Mapping[str, Any], image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> None:
-        group, d = str(row[self.key]), mean_dice(row)
-        best, worst = self._best.get(group), self._worst.get(group)
-        if best is not None and worst is not None and worst.dice <= d <= best.dice:
-            return
-        z = example_slice(gt, pred)
-        ex = {"image": np.asarray(image[:, :, z], dtype=np.float32), "gt": np.asarray(gt[:, :, z], dtype=np.uint8),
-              "pred": np.asarray(pred[:, :, z], dtype=np.uint8), "vendor": str(row.get("Vendor", "")),
-              "group": group, "name": str(row.get("Name", "")), "phase": str(row.get("ED/ES", "")), "dice": d,
-              "slice": z}
-        if best is None or d > best.dice:
-            self._best[group] = _Candidate(d, ex)
-        if worst is None or d < worst.dice:
-            self._worst[group] = _Candidate(d, ex)
-
-    def examples(self) -> list[dict[str, Any]]:
-        """Best then worst example of each group (sorted); one example when a group has a single case."""
-        out = []
-        for group in sorted(self._best, key=lambda g: (len(g), g)):
-            pairs = [("best", self._best[group])]
-            if self._worst[group].example is not self._best[group].example:
-                pairs.append(("worst", self._worst[group]))
-            for kind, cand in pairs:
-                ex = dict(cand.example, kind=kind)
-                case = ex["name"] if ex["name"].endswith(ex["phase"]) else f"{ex['name']} {ex['phase']}"
-                ex["caption"] = (f"{self.key.lower()} {_group_name(group, self.key)}, {kind}: {case}, mean Dice "
-                                 f"{ex['dice']:.3f}, slice {ex['slice']}")
-                out.append(ex)
-        return out
-
-    def save(self, path: str | Path) -> None:
-        save_examples(path, self.examples())
-
-
-def save_examples(path: str | Path, examples: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``examples`` (dicts with ``image``, ``gt``, ``pred`` 2-D arrays and ``caption``; optional ``vendor``,
-    ``kind``, ``name``, ``phase``, ``dice``, ``slice``) in the layout of the module docstring, atomically."""
-    arrays: dict[str, np.ndarray] = {}
-    for i, ex in enumerate(examples):
-        if not (np.ndim(ex["image"]) == np.ndim(ex["gt"]) == np.ndim(ex["pred"]) == 2):
-            raise ValueError(f"example {i}: image, gt and pred must be 2-D slices")
-        arrays[f"image_{i}"] = np.asarray(ex["image"], dtype=np.float32)
-        arrays[f"gt_{i}"] = np.asarray(ex["gt"], dtype=np.uint8)
-        arrays[f"pred_{i}"] = np.asarray(ex["pred"], dtype=np.uint8)
-    for f in _STR_FIELDS:
-        arrays[f] = np.array([str(ex.get(f, "")) for ex in examples], dtype=np.str_)
-    arrays["dice"] = np.array([float(ex.get("dice", math.nan)) for ex in examples], dtype=np.float64)
-    arrays["slice"] = np.array([int(ex.get("slice", -1)) for ex in examples], dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_examples(path: str | Path) -> list[dict[str, Any]]:
-    """Inverse of :func:`save_examples`."""
-    with np.load(path, allow_pickle=False) as z:
-        n = len(z["caption"])
-        return [{"image": z[f"image_{i}"], "gt": z[f"gt_{i}"], "pred": z[f"pred_{i}"],
-                 **{f: str(z[f][i]) if f in z.files else "" for f in _STR_FIELDS}, "dice": float(z["dice"][i]),
-                 "slice": int(z["slice"][i])}
-                for i in range(n)]
 
 
 # --- figures ------------------------------------------------------------------------------------------------------
@@ -187,7 +67,7 @@ def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path, key: str = "Vend
             if ph:
                 ax.plot([], [], color=f"C{j}", lw=6, alpha=0.6, label=ph)
         subjects = [len({_subject(r) for r in rows if str(r[key]) == v}) for v in vendors]
-        ticks = [f"{_group_name(v, key).replace(' (', chr(10) + '(', 1)}\n{c} subj." for v, c in zip(vendors, subjects)]
+        ticks = [f"{group_name(v, key).replace(' (', chr(10) + '(', 1)}\n{c} subj." for v, c in zip(vendors, subjects)]
         ax.set_xticks(np.arange(len(vendors)), ticks, fontsize=7)
         ax.set_xlabel(key.lower())
         ax.set_title(f"Dice {s}")
@@ -195,23 +75,6 @@ def dice_boxplot(rows: Sequence[Mapping[str, Any]], path: Path, key: str = "Vend
         ax.grid(axis="y", alpha=0.3)
         if k == 0 and any(phases):
             ax.legend(loc="lower left", fontsize=8)
-    return save_figure(fig, path, dpi=90, bbox_inches="tight")
-
-
-def examples_figure(examples: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """One PNG: a row per example (its caption above), columns image, ground truth and prediction overlaid."""
-    fig = Figure(figsize=(9, 3.0 * len(examples)))
-    for ex, sub in zip(examples, fig.subfigures(len(examples), 1, squeeze=False)[:, 0]):
-        sub.suptitle(ex["caption"], fontsize=9)
-        img = np.asarray(ex["image"], dtype=np.float64).T
-        lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
-        for ax, (title, lab) in zip(sub.subplots(1, 3), [("image", None), ("ground truth", ex["gt"]),
-                                                          ("prediction", ex["pred"])]):
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
-            if lab is not None:
-                ax.imshow(np.asarray(lab).T, cmap=_COLOURS, vmin=0, vmax=3, interpolation="nearest")
-            ax.set_axis_off()
-            ax.set_title(title, fontsize=8)
     return save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
@@ -251,28 +114,15 @@ def _group_table(summary: Mapping[str, Any], columns: Sequence[tuple[str, str, i
     for g in _groups(summary):
         n = max((summary[g].get(m, {}).get("n", 0) + summary[g].get(m, {}).get("n_excluded", 0)
                  for _, m, _ in columns), default=0)
-        rows.append([_group_name(g, group_label), str(n) if per_subject or not n else f"{n} ({n // 2})",
+        rows.append([group_name(g, group_label), str(n) if per_subject or not n else f"{n} ({n // 2})",
                      *[_cell(summary[g], m, d, show_excluded) for _, m, d in columns],
                      *[fmt(vals.get(g)) for vals in extra.values()]])
-    worst_extra = [_group_name(min(vals, key=lambda k: vals[k]), group_label) if vals else "-"
+    worst_extra = [group_name(min(vals, key=lambda k: vals[k]), group_label) if vals else "-"
                    for vals in extra.values()]
     named = [worst.get(_abs(m), {}).get("group") for _, m, _ in columns]
-    rows.append(["worst", "", *["-" if g is None else _group_name(str(g), group_label) for g in named],
+    rows.append(["worst", "", *["-" if g is None else group_name(str(g), group_label) for g in named],
                  *worst_extra])
     return headers, rows
-
-
-def _group_name(g: str, group_label: str) -> str:
-    """``B (Philips)`` for a vendor letter, ``3 (B, Philips)`` for a centre (its vendor); others as they are."""
-    if group_label == "Vendor" and g in VENDOR_NAMES:
-        return f"{g} ({VENDOR_NAMES[g]})"
-    vendor = next((v for v, centres in VENDOR_CENTRES.items() if str(g) in map(str, centres)), None)
-    return f"{g} ({vendor}, {VENDOR_NAMES[vendor]})" if group_label == "Centre" and vendor else str(g)
-
-
-def group_title(group: str, group_by: str) -> str:
-    """How reports show a group of ``data.group_by`` (``vendor`` or ``centre``): ``A (Siemens)``, ``1 (A, Siemens)``."""
-    return _group_name(str(group), "Vendor" if group_by == "vendor" else "Centre")
 
 
 def _dice_columns() -> list[tuple[str, str, int]]:
@@ -354,10 +204,10 @@ def _group_section(doc: Doc, ev: Mapping[str, Any], title: str, gr: Grouping) ->
     worst = summary.get("worst", {}).get(MEAN_DICE, {})
     if worst:
         groups = ev.get("group_metric") or {}
-        headline = _group_name(min(groups, key=groups.__getitem__), gr.key) if groups else "-"
-        doc.para(f"Worst {gr.name} by mean Dice: {_group_name(worst['group'], gr.key)} ({fmt(worst['value'])}). "
+        headline = group_name(min(groups, key=groups.__getitem__), gr.key) if groups else "-"
+        doc.para(f"Worst {gr.name} by mean Dice: {group_name(worst['group'], gr.key)} ({fmt(worst['value'])}). "
                  f"The run's headline, over the {gr.name}s it was trained and selected on "
-                 f"({', '.join(_group_name(str(g), gr.key) for g in groups)}): "
+                 f"({', '.join(group_name(str(g), gr.key) for g in groups)}): "
                  f"worst_group_metric = {fmt(ev.get('worst_group_metric'))} ({gr.name} {headline}), "
                  f"average_metric = {fmt(ev.get('average_metric'))}. Tables count volumes (subject x ED/ES) and, "
                  f"in brackets, subjects.")
@@ -381,7 +231,7 @@ def _phase_section(doc: Doc, rows: Sequence[Mapping[str, Any]], gr: Grouping = G
     summaries = {ph: summarise([r for r in rows if str(r.get("ED/ES")) == ph], gr.key) for ph in phases}
     groups = sorted({v for s in summaries.values() for v in _groups(s)}, key=lambda g: (len(g), g))
     headers = [gr.key, *[f"Dice {s} {ph}" for ph in phases for s in STRUCTURES]]
-    table = [[_group_name(v, gr.key), *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases
+    table = [[group_name(v, gr.key), *[_cell(summaries[ph].get(v, {}), f"Dice {s}", 3) for ph in phases
                                         for s in STRUCTURES]]
              for v in groups]
     doc.heading(f"Test: Dice per {gr.name} and phase")
@@ -419,7 +269,7 @@ def _ci_text(ci: Any) -> str:
 def _ci_section(doc: Doc, rows: Sequence[Mapping[str, Any]], split: str, gr: Grouping = Grouping("vendor")) -> None:
     boot = dice_bootstrap(rows, gr.key)
     sizes = [sum(str(r[gr.key]) == v for r in rows) for v in boot.groups]
-    table = [[_group_name(v, gr.key), int(boot.n_units[i]),
+    table = [[group_name(v, gr.key), int(boot.n_units[i]),
               *[_ci_text(boot.group_ci(v, j)) for j in range(len(CI_COLUMNS))]]
              for i, v in enumerate(boot.groups)]
     table.append([f"worst {gr.name}", int(boot.n_units.sum()),

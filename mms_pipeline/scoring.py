@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -29,7 +29,7 @@ from groupdistil.errors import UserError
 
 from . import data
 from .metrics import case_metrics, clinical_indices
-from .report import ExampleCollector
+from .examples import ExampleCollector
 
 NAMINGS = ("groupdistil", "nnunet")
 #: what nnUNetv2_predict writes into its output folder besides the label maps
@@ -73,13 +73,29 @@ def _pattern(naming: str) -> str:
             else "nnU-Net's <code>_frame<NN>.nii.gz, NN the ED or ES frame index")
 
 
+def folder_files(folder: Path) -> dict[str, Path]:
+    """``{name: path}`` of the files of ``folder`` whose name does not start with a dot."""
+    return {p.name: p for p in Path(folder).iterdir() if not p.name.startswith(".")}
+
+
+def every_expected(folder: Path, expected: Mapping[str, tuple[str, str]], present: Mapping[str, Path],
+                   missing_what: Callable[[str, str, int], str]) -> dict[tuple[str, str], Path]:
+    """``{(code, phase): file}`` of the ``expected`` file names (``{name: (code, phase)}``) of ``folder``; the first
+    missing one is a UserError ``<folder>/<name>: missing: <missing_what(code, phase, number missing)>``."""
+    missing = [n for n in expected if n not in present]
+    if missing:
+        code, phase = expected[missing[0]]
+        raise UserError(f"{Path(folder) / missing[0]}: missing: {missing_what(code, phase, len(missing))}")
+    return {key: present[name] for name, key in expected.items()}
+
+
 def match_files(pred_dir: Path, subjects: Sequence[data.Subject],
                 split: str) -> tuple[str, dict[tuple[str, str], Path]]:
     """``(naming, {(code, phase): file})`` of a predictions folder; a missing or extra file is a UserError."""
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise UserError(f"{pred_dir}: not a folder (M&Ms predictions are a folder of NIfTI label maps)")
-    present = {p.name: p for p in pred_dir.iterdir() if not p.name.startswith(".")}
+    present = folder_files(pred_dir)
     expected = {n: {file_name(s, ph, n): (s.code, ph) for s in subjects for ph in data.PHASES} for n in NAMINGS}
     hits = {n: len(set(present) & set(names)) for n, names in expected.items()}
     naming = max(NAMINGS, key=lambda n: hits[n])  # ties: this project's naming (listed first)
@@ -96,12 +112,8 @@ def match_files(pred_dir: Path, subjects: Sequence[data.Subject],
     if extra:
         raise UserError(f"{present[extra[0]]}: not a prediction of a {split} subject (expected {_pattern(naming)} "
                         f"for each {split} subject); remove it ({len(extra)} unexpected file(s) in all)")
-    missing = [n for n in names if n not in present]
-    if missing:
-        code, phase = names[missing[0]]
-        raise UserError(f"{pred_dir / missing[0]}: missing: the {phase} prediction of {split} subject {code} "
-                        f"({len(missing)} missing in all)")
-    return naming, {key: present[n] for n, key in names.items()}
+    return naming, every_expected(pred_dir, names, present, lambda code, phase, n: (
+        f"the {phase} prediction of {split} subject {code} ({n} missing in all)"))
 
 
 def read_prediction(path: Path, subject: data.Subject) -> np.ndarray:

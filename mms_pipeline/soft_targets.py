@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
@@ -29,7 +30,8 @@ from groupdistil.errors import UserError
 from groupdistil.teacher import probabilities_problem
 
 from . import data
-from .scoring import NNUNET_EXTRAS, nnunet_case
+from .scoring import NNUNET_EXTRAS, every_expected, folder_files, nnunet_case
+from .train_set import TrainingSlices
 from .transforms import fill_padding
 
 #: the array of nnU-Net's ``<case>.npz``
@@ -48,7 +50,7 @@ def match_files(folder: Path, train: Sequence[data.Subject],
         raise UserError(f"{folder}: not a folder; an M&Ms teacher given as saved probabilities is the output folder of "
                         f"'nnUNetv2_predict --save_probabilities' (one <case>.npz per training case)")
     expected = {f"{nnunet_case(s, ph)}.npz": (s.code, ph) for s in train for ph in data.PHASES}
-    present = {p.name: p for p in folder.iterdir() if not p.name.startswith(".")}
+    present = folder_files(folder)
     for name in sorted(present):
         if name in expected or name in NNUNET_EXTRAS or name.endswith(IGNORED_SUFFIXES):
             continue
@@ -58,12 +60,9 @@ def match_files(folder: Path, train: Sequence[data.Subject],
                             f"(<code>_frame<NN>.npz, NN the ED or ES frame): remove it")
         raise UserError(f"{present[name]}: not an nnU-Net probabilities file (<case>.npz; <case>.pkl, <case>.nii.gz "
                         f"and {', '.join(NNUNET_EXTRAS)} are ignored): remove it")
-    missing = [n for n in expected if n not in present]
-    if missing:
-        code, phase = expected[missing[0]]
-        raise UserError(f"{folder / missing[0]}: missing: the {phase} probabilities of training subject {code} "
-                        f"({len(missing)} of the {len(expected)} training cases missing in all)")
-    return {key: present[name] for name, key in expected.items()}
+    return every_expected(folder, expected, present, lambda code, phase, n: (
+        f"the {phase} probabilities of training subject {code} ({n} of the {len(expected)} training cases missing "
+        f"in all)"))
 
 
 def _why_not(name: str, train: Sequence[data.Subject], splits: Mapping[str, Sequence[data.Subject]]) -> str:
@@ -114,3 +113,23 @@ def to_working(probs: np.ndarray, affine: torch.Tensor, transform: Compose) -> t
     the working geometry of the training slices, padded positions background (:func:`transforms.fill_padding`)."""
     out = transform({"probs": MetaTensor(torch.from_numpy(probs), affine=torch.as_tensor(affine).clone())})["probs"]
     return fill_padding(out.as_tensor().float())
+
+
+def training_probabilities(files: Mapping[tuple[str, str], Path], training: TrainingSlices,
+                           train: Sequence[data.Subject], transform: Compose) -> torch.Tensor:
+    """float32 ``(N, C, H, W)``: the probabilities of every training slice (in ``training``'s order) from the files of
+    :func:`match_files`, each checked (:func:`read_probabilities`) and brought to the working geometry of the slice's
+    own preprocessing (``transform``: :func:`mms_pipeline.transforms.preprocess_probabilities`)."""
+    positions: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    for i, (code, phase, z) in enumerate(training.slices):
+        positions.setdefault((code, phase), []).append((i, z))
+    n_classes = len(data.LABELS)
+    out = torch.zeros(len(training.dataset), n_classes, *training.dataset.x.shape[-2:])
+    for subject in train:
+        shape = nib.load(subject.image).shape[:3]
+        for phase in data.PHASES:
+            probs = read_probabilities(files[(subject.code, phase)], subject, shape, n_classes)
+            work = to_working(probs, training.affines[subject.code], transform)  # (C, H, W, Z)
+            for i, z in positions.get((subject.code, phase), []):
+                out[i] = work[..., z]
+    return out

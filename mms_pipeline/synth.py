@@ -29,7 +29,7 @@ import io
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -97,18 +97,14 @@ class VendorStyle:
 
 
 VENDOR_STYLES = {
-    "A": VendorStyle((128, 144), (1.30, 1.50), (10.0, 10.0), (7, 9), (8, 10), False, (40.0, 170.0),
-                     blood=1.00, myo=0.25, tissue=0.45, air=0.03, gamma=1.0, bias=0.10, blur=0.6, noise=0.03,
-                     rician=True),
-    "B": VendorStyle((128, 144), (1.20, 1.40), (8.0, 10.0), (7, 9), (8, 10), True, (150.0, 400.0),
-                     blood=0.80, myo=0.60, tissue=0.30, air=0.05, gamma=0.7, bias=0.55, blur=1.0, noise=0.08,
-                     rician=False),
-    "C": VendorStyle((112, 128), (1.45, 1.60), (9.0, 10.0), (6, 8), (8, 10), False, (2000.0, 3500.0),
-                     blood=0.90, myo=0.32, tissue=0.50, air=0.02, gamma=1.2, bias=0.20, blur=0.8, noise=0.04,
-                     rician=True),
-    "D": VendorStyle((144, 160), (1.15, 1.25), (8.0, 10.0), (6, 8), (8, 10), False, (800.0, 1200.0),
-                     blood=0.95, myo=0.35, tissue=0.40, air=0.02, gamma=0.85, bias=0.25, blur=0.5, noise=0.05,
-                     rician=True),
+    "A": VendorStyle((128, 144), (1.30, 1.50), (10.0, 10.0), (7, 9), (8, 10), False, (40.0, 170.0), blood=1.00,
+                     myo=0.25, tissue=0.45, air=0.03, gamma=1.0, bias=0.10, blur=0.6, noise=0.03, rician=True),
+    "B": VendorStyle((128, 144), (1.20, 1.40), (8.0, 10.0), (7, 9), (8, 10), True, (150.0, 400.0), blood=0.80,
+                     myo=0.60, tissue=0.30, air=0.05, gamma=0.7, bias=0.55, blur=1.0, noise=0.08, rician=False),
+    "C": VendorStyle((112, 128), (1.45, 1.60), (9.0, 10.0), (6, 8), (8, 10), False, (2000.0, 3500.0), blood=0.90,
+                     myo=0.32, tissue=0.50, air=0.02, gamma=1.2, bias=0.20, blur=0.8, noise=0.04, rician=True),
+    "D": VendorStyle((144, 160), (1.15, 1.25), (8.0, 10.0), (6, 8), (8, 10), False, (800.0, 1200.0), blood=0.95,
+                     myo=0.35, tissue=0.40, air=0.02, gamma=0.85, bias=0.25, blur=0.5, noise=0.05, rician=True),
 }
 
 DEFAULT_TRAIN_COUNTS = {"A": 30, "B": 6}
@@ -117,14 +113,22 @@ TINY_SHAPE = dict(matrix=64, slices=4, frames=4, anatomy=0.5)
 OPTIONS = ("tiny", "train_counts", "minority_share", "unlabeled_counts", "val_per_centre", "test_per_vendor")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One subject to write: where, and its acquisition."""
+class Plan(NamedTuple):
+    """One subject to write: its release folder, vendor and centre."""
 
     folder: str
     vendor: str
     centre: int
-    labelled: bool
+
+    @property
+    def labelled(self) -> bool:
+        """Every folder but ``Training/Unlabeled`` has label files."""
+        return self.folder != "Training/Unlabeled"
+
+    @property
+    def sheared(self) -> bool:
+        """Validation and Testing files have non-orthonormal direction cosines, as in the real release."""
+        return self.folder in ("Validation", "Testing")
 
 
 # --- phantom geometry ----------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ def synth_subject(plan: Plan, rng: np.random.Generator, tiny: bool) -> tuple[dic
         "Age": int(rng.integers(18, 85)), "Pathology": pathology, "Sex": "MF"[int(rng.integers(0, 2))],
         "Height": height, "Weight": weight,
     }
-    affine = affine_for((sxy, sxy, sz), rng, shear=plan.folder in ("Validation", "Testing"))
+    affine = affine_for((sxy, sxy, sz), rng, shear=plan.sheared)
     return row, np.clip(np.round(img), 0, 32767).astype(np.int16), gt, affine
 
 
@@ -292,14 +296,13 @@ def plan_release(train_counts: Mapping[str, int], unlabeled_counts: Mapping[str,
                  test_per_vendor: int) -> list[Plan]:
     """Subjects per release folder; centres of a vendor are filled round-robin."""
     plans = []
-    for folder, counts, labelled in (("Training/Labeled", train_counts, True),
-                                     ("Training/Unlabeled", unlabeled_counts, False)):
+    for folder, counts in (("Training/Labeled", train_counts), ("Training/Unlabeled", unlabeled_counts)):
         for vendor, n in counts.items():
             plans += [Plan(folder, vendor, VENDOR_CENTRES[vendor][0 if vendor == "A" else i % len(
-                VENDOR_CENTRES[vendor])], labelled) for i in range(int(n))]
+                VENDOR_CENTRES[vendor])]) for i in range(int(n))]
     for vendor, centres in VENDOR_CENTRES.items():
-        plans += [Plan("Validation", vendor, c, True) for c in centres for _ in range(val_per_centre)]
-        plans += [Plan("Testing", vendor, centres[i % len(centres)], True) for i in range(test_per_vendor)]
+        plans += [Plan("Validation", vendor, c) for c in centres for _ in range(val_per_centre)]
+        plans += [Plan("Testing", vendor, centres[i % len(centres)]) for i in range(test_per_vendor)]
     return plans
 
 
@@ -315,8 +318,8 @@ def synthesize(out: Path, seed: int = 0, **options: Any) -> None:
 
     Options: ``tiny`` (64x64, 4 slices, 4 frames and few subjects, for tests), ``train_counts`` (labelled training
     subjects per vendor, default A 30, B 6), ``minority_share`` (instead of ``train_counts``: the share of vendor B
-    among the 36 labelled training subjects, 0.5 = balanced; for imbalance sweeps), ``unlabeled_counts`` (default C 4), ``val_per_centre`` (default 3,
-    tiny 1), ``test_per_vendor`` (default 6, tiny 1).
+    among the 36 labelled training subjects, 0.5 = balanced; for imbalance sweeps), ``unlabeled_counts`` (default C
+    4), ``val_per_centre`` (default 3, tiny 1), ``test_per_vendor`` (default 6, tiny 1).
     """
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -349,10 +352,9 @@ def synthesize(out: Path, seed: int = 0, **options: Any) -> None:
     for plan, code, child in zip(plans, codes, children[:-1], strict=True):
         row, img, gt, affine = synth_subject(plan, np.random.default_rng(child), tiny)
         folder = out / plan.folder / code
-        sheared = plan.folder in ("Validation", "Testing")
-        save_nifti(folder / f"{code}_sa.nii.gz", img, affine, sheared)
+        save_nifti(folder / f"{code}_sa.nii.gz", img, affine, plan.sheared)
         if plan.labelled:
-            save_nifti(folder / f"{code}_sa_gt.nii.gz", gt, affine, sheared)
+            save_nifti(folder / f"{code}_sa_gt.nii.gz", gt, affine, plan.sheared)
         rows.append({"External code": code, **row})
     if all(r["Height"] and r["Weight"] for r in rows):
         rows[0]["Weight"] = ""  # the real CSV always has gaps

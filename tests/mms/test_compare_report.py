@@ -47,7 +47,7 @@ def fake_run(tmp_path: Path, method: str, seed: int = 0, shift: float = 0.0, gro
 
 
 def test_case_scores_average_the_phases_of_a_subject(tmp_path: Path) -> None:
-    scores = MMSPipeline.case_scores(fake_run(tmp_path, "kd").run_dir)
+    scores = MMSPipeline.comparison.case_scores(fake_run(tmp_path, "kd").run_dir)
     assert [c for c, _, _ in scores] == list(DICE["kd"])
     assert_allclose([s for _, _, s in scores], [0.9, 0.8, 0.7, 0.8, 0.5, 0.7, 0.9])
     assert {g for _, g, _ in scores} == {"A", "B"}
@@ -76,10 +76,10 @@ def test_wilcoxon_and_bootstrap_count_subjects_by_hand(tmp_path: Path) -> None:
 
 
 def test_the_report_names_the_unit() -> None:
-    assert nice_metric("group.B", "erm", MMSPipeline.case_unit) == "subjects of B, the worst group of erm"
-    assert ci_note(MMSPipeline.case_unit).startswith("Paired bootstrap (subjects): first − second method on the same "
+    assert nice_metric("group.B", "erm", MMSPipeline.comparison.case_unit) == "subjects of B, the worst group of erm"
+    assert ci_note(MMSPipeline.comparison.case_unit).startswith("Paired bootstrap (subjects): first − second method on the same "
                                                      "test subjects")
-    assert MMSPipeline.case_unit == "subjects"
+    assert MMSPipeline.comparison.case_unit == "subjects"
 
 
 def writer(specs: list[RunSpec], tmp_path: Path) -> Writer:
@@ -126,5 +126,5 @@ def test_table_per_centre_names_centres_with_their_vendor(tmp_path: Path) -> Non
 def test_waterbirds_keeps_its_per_group_table(tmp_path: Path) -> None:
     from waterbirds_pipeline.pipeline import WaterbirdsPipeline
 
-    assert WaterbirdsPipeline.group_breakdown(tmp_path) is None
-    assert WaterbirdsPipeline.group_label("landbird_land", {}) == "landbird_land"
+    assert WaterbirdsPipeline.comparison.group_breakdown(tmp_path) is None
+    assert WaterbirdsPipeline.comparison.group_label("landbird_land", {}) == "landbird_land"

@@ -14,16 +14,17 @@ import torch
 import yaml
 
 from groupdistil.errors import UserError
+from groupdistil.pipeline import evaluation_values
 from mms_pipeline.data import (
     METADATA_CSV_NAMES,
     REQUIRED_COLUMNS,
-    assign_splits,
     load_volumes,
     read_metadata,
     read_subjects,
 )
 from mms_pipeline.geometry import invert_inplane
 from mms_pipeline.pipeline import MMSPipeline
+from mms_pipeline.splits import assign_splits
 
 REAL_HEADER = ",External code,VendorName,Vendor,Centre,ED,ES,Age,Pathology,Sex,Height,Weight\n"
 
@@ -240,12 +241,12 @@ def test_old_csv_refuses_classification_and_works_without(broken_copy, metadata_
 
 def test_class_mapping(mms_pipeline: MMSPipeline, mms_root: Path, make_pipeline) -> None:
     s = next(x for x in mms_pipeline.splits["train"] if x.pathology not in ("NOR", "DCM", "HCM"))
-    assert mms_pipeline.class_index(s) == 3  # unlisted codes -> 'other'
+    assert mms_pipeline.pathology.class_index(s) == 3  # unlisted codes -> 'other'
     mapped = make_pipeline(mms_root, data={"class_map": {s.pathology: "NOR"}})
-    assert mapped.class_index(s) == 0
+    assert mapped.pathology.class_index(s) == 0
     strict = make_pipeline(mms_root, data={"classes": ["NOR", "DCM", "HCM"]})
     with pytest.raises(UserError, match=rf"subject {s.code}: .*pathology '{s.pathology}' is not in data.classes"):
-        strict.class_index(s)
+        strict.pathology.class_index(s)
 
 
 # --- training set ----------------------------------------------------------------------------------------------------
@@ -253,8 +254,8 @@ def test_network_head_slices_carry_their_subjects_class(mms_root: Path, make_pip
     p = make_pipeline(mms_root, model={"cls_head": "encoder"})
     ds = p.train_dataset()
     assert p.heads == {"seg": 4, "cls": 4} and ds[(5, 0)]["cls"].shape == ()
-    subject = next(s for s in p.splits["train"] if s.code == ds.cases[5])
-    assert int(ds[(5, 0)]["cls"]) == p.class_index(subject)
+    subject = next(s for s in p.splits["train"] if s.code == p.train_cases()[5])
+    assert int(ds[(5, 0)]["cls"]) == p.pathology.class_index(subject)
 
 
 def test_items_and_key_determinism(mms_pipeline: MMSPipeline) -> None:
@@ -297,11 +298,11 @@ def test_models_and_config_errors(mms_pipeline: MMSPipeline, mms_root: Path) -> 
 
 
 def test_whole_volume_inference_returns_native_geometry(mms_pipeline: MMSPipeline) -> None:
-    case = mms_pipeline.case("test", 0)
+    case = mms_pipeline.evaluation.case("test", 0)
     for head in ("indices", "encoder"):
         model = mms_pipeline.model_for({"model": {"cls_head": head}}).eval()
         for pc in case.phases.values():
-            labels, cls, seconds = mms_pipeline.predict_volume(model, pc.image)
+            labels, cls, seconds = mms_pipeline.inference.predict_volume(model, pc.image)
             assert labels.shape == pc.gt.shape and labels.dtype == np.uint8 and seconds > 0
             if head == "indices":  # decided from the label map's clinical indices, after inference
                 assert cls is None
@@ -313,12 +314,12 @@ def _previous_predict_volume(pipe: MMSPipeline, predict: Any, image: Any) -> tup
     """``predict_volume`` as it was before the argmax became :func:`channel_argmax` (issue 17)."""
     from monai.data import MetaTensor
 
-    from mms_pipeline.pipeline import _spatial_outputs
+    from mms_pipeline.inference import spatial_outputs as _spatial_outputs
 
     with torch.inference_mode():
-        out = pipe.inferer(image.as_tensor()[None], _spatial_outputs(predict))
+        out = pipe.inference.inferer(image.as_tensor()[None], _spatial_outputs(predict))
         probs = torch.softmax(out["seg"][0].float().cpu(), dim=0)
-        native = pipe.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
+        native = pipe.inference.inverter({"image": image, "pred": MetaTensor(probs, affine=image.affine)})["pred"]
         labels = native.argmax(0).numpy().astype(np.uint8)
         cls = None
         if "cls" in out:
@@ -334,17 +335,17 @@ def test_slices_run_directly_give_slice_inferers_outputs(mms_pipeline: MMSPipeli
     another in-plane size goes through SliceInferer."""
     from monai.inferers import SliceInferer
 
-    from mms_pipeline.pipeline import _spatial_outputs
+    from mms_pipeline.inference import spatial_outputs as _spatial_outputs
 
     torch.manual_seed(0)
     net = mms_pipeline.model_for({"model": {"cls_head": "encoder"}}).eval()
-    image = mms_pipeline.case("test", 0).phases["ED"].image.as_tensor()
+    image = mms_pipeline.evaluation.case("test", 0).phases["ED"].image.as_tensor()
     calls = []
-    monkeypatch.setitem(mms_pipeline.ecfg, "sw_batch_size", 3)  # a 7-slice volume: batches of 3, 3, 1
+    monkeypatch.setattr(mms_pipeline.inference, "batch", 3)  # a 7-slice volume: batches of 3, 3, 1
     with torch.inference_mode():
         inferer = SliceInferer(roi_size=image.shape[1:3], sw_batch_size=3, spatial_dim=2)  # pipeline's is cached
         want = inferer(image[None], _spatial_outputs(net))
-        got = mms_pipeline.infer_slices(lambda x: calls.append(len(x)) or net(x), image)
+        got = mms_pipeline.inference.infer_slices(lambda x: calls.append(len(x)) or net(x), image)
         assert calls == [3] * (image.shape[-1] // 3) + ([image.shape[-1] % 3] if image.shape[-1] % 3 else [])
         assert got["seg"].shape == want["seg"].shape
         assert torch.allclose(got["seg"], want["seg"], rtol=0, atol=1e-6)
@@ -352,7 +353,7 @@ def test_slices_run_directly_give_slice_inferers_outputs(mms_pipeline: MMSPipeli
         monkeypatch.undo()  # the pipeline's SliceInferer (cached) is made with the configured batch
         wider = torch.nn.functional.pad(image, (0, 0, 0, 32))  # (1, H, W + 32, Z): two windows per slice
         calls.clear()
-        out = mms_pipeline.infer_slices(lambda x: calls.append(tuple(x.shape[-2:])) or net(x), wider)
+        out = mms_pipeline.inference.infer_slices(lambda x: calls.append(tuple(x.shape[-2:])) or net(x), wider)
         assert out["seg"].shape[2:4] == wider.shape[1:3] and set(calls) == {tuple(image.shape[1:3])}
 
 
@@ -365,12 +366,12 @@ def test_whole_volume_inference_gives_the_labels_of_the_previous_path(mms_pipeli
                   "ties": lambda x: {k: v.round() for k, v in net(x).items()},  # whole logits: equal maxima
                   "uniform": lambda x: {"seg": torch.zeros(len(x), 4, *x.shape[2:])}}  # every channel tied
     for split in ("val", "test"):  # the fast 2-D inversion serves the synthetic release (no fall-back to Invertd)
-        for pc in mms_pipeline.case(split, 0).phases.values():
+        for pc in mms_pipeline.evaluation.case(split, 0).phases.values():
             assert invert_inplane(torch.full((4, *pc.image.shape[1:]), 0.25), pc.image) is not None
     for name, predict in predictors.items():
         for split in ("val", "test"):
-            for pc in mms_pipeline.case(split, 0).phases.values():
-                labels, cls, _ = mms_pipeline.predict_volume(predict, pc.image)
+            for pc in mms_pipeline.evaluation.case(split, 0).phases.values():
+                labels, cls, _ = mms_pipeline.inference.predict_volume(predict, pc.image)
                 want, want_cls = _previous_predict_volume(mms_pipeline, predict, pc.image)
                 assert np.array_equal(labels, want) and labels.dtype == want.dtype, name
                 assert (cls is None and want_cls is None) or torch.equal(cls, want_cls), name
@@ -378,7 +379,7 @@ def test_whole_volume_inference_gives_the_labels_of_the_previous_path(mms_pipeli
 
 @pytest.mark.parametrize("shape", [(4, 9, 7, 3), (2, 5), (5, 1, 1, 1)])
 def test_channel_argmax_is_argmax(shape: tuple[int, ...]) -> None:
-    from mms_pipeline.pipeline import channel_argmax
+    from mms_pipeline.inference import channel_argmax
 
     g = torch.Generator().manual_seed(0)
     tied = torch.randint(0, 3, shape, generator=g).float()
@@ -404,7 +405,7 @@ def test_oracle_prediction_scores_high(mms_pipeline: MMSPipeline) -> None:
         z = [int(((slices - xi[0]) ** 2).flatten(1).sum(1).argmin()) for xi in x]
         return {"seg": 20 * onehot.permute(3, 0, 1, 2)[z]}
 
-    labels, _, _ = mms_pipeline.predict_volume(oracle, out["image"])
+    labels, _, _ = mms_pipeline.inference.predict_volume(oracle, out["image"])
     gt = vols["label"][s.ed].numpy()
     for k in (1, 2, 3):
         p, g = labels == k, gt == k
@@ -415,18 +416,21 @@ def test_evaluation_config_holds_what_scores_a_teacher() -> None:
     """A teacher's recorded evaluation is reused only with the same data, eval and pathology settings."""
     base = {"data": {"roi": [96, 96]}, "eval": {}, "model": {"encoder": "resnet18", "decoder_channels": [8] * 5}}
     small = {**base, "model": {"encoder": "tu-tf_mobilenetv3_small_minimal_100"}}
-    assert MMSPipeline.evaluation_config(base) == MMSPipeline.evaluation_config(small)  # architectures differ
+    def values(cfg):
+        return evaluation_values(MMSPipeline, cfg)
+
+    assert values(base) == values(small)  # architectures differ
     for change in ({"model": {"cls_head": "encoder"}}, {"model": {"classify": False}}, {"eval": {"sw_batch_size": 4}},
                    {"data": {"roi": [64, 64]}}):
-        assert MMSPipeline.evaluation_config({**base, **change}) != MMSPipeline.evaluation_config(base), change
+        assert values({**base, **change}) != values(base), change
 
 
 def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:
     model = mms_pipeline.model_for({"model": {}}).eval()
-    res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path, teacher=model)
+    res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path)
     assert set(res["group_metric"]) == {"A", "B", "C", "D"}
     assert res["worst_group_metric"] == min(res["group_metric"].values())
-    assert 0 <= res["average_metric"] <= 1 and "teacher" in res and "infer_seconds_per_case" in res["timing"]
+    assert 0 <= res["average_metric"] <= 1 and "infer_seconds_per_case" in res["timing"]
     assert set(res["cls_acc_by_vendor"]) == {"A", "B", "C", "D"}
     assert (tmp_path / "per_case.csv").is_file() and (tmp_path / "examples.npz").is_file()
     for s in mms_pipeline.splits["test"]:
@@ -438,11 +442,11 @@ def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None
     assert val["timing"]["infer_seconds_per_case"] > 0 and "teacher" not in val
     assert (tmp_path / "per_case_val.csv").is_file()
     assert len(list((tmp_path / "predictions_val").iterdir())) == 2 * len(mms_pipeline.splits["val"])
-    scores = MMSPipeline.case_scores(tmp_path)  # one per subject: its ED and ES volumes averaged
+    scores = MMSPipeline.comparison.case_scores(tmp_path)  # one per subject: its ED and ES volumes averaged
     assert [c for c, _, _ in scores] == [s.code for s in mms_pipeline.splits["test"]] and scores[0][1] in "ABCD"
     # a classification run (eval.metric: accuracy) is paired per subject on whether its pathology was right
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"eval": {"metric": "accuracy"}}))
-    per_subject = MMSPipeline.case_scores(tmp_path)
+    per_subject = MMSPipeline.comparison.case_scores(tmp_path)
     rows = list(csv.DictReader((tmp_path / "per_case.csv").open()))
     as_class = lambda p: p if p in ("NOR", "DCM", "HCM") else "other"  # noqa: E731 - the default data.classes
     truth = {r["Name"]: float(as_class(r["Pathology"]) == r["cls_pred"]) for r in rows if r["cls_pred"]}
@@ -462,8 +466,8 @@ def test_fingerprint_changes_with_the_data(broken_copy, mms_pipeline: MMSPipelin
 
 
 def test_metric_note_follows_the_metric_and_grouping() -> None:
-    assert "mean Dice" in MMSPipeline.metric_note({}) and "worst test vendor" in MMSPipeline.metric_note({})
-    cls_note = MMSPipeline.metric_note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
+    assert "mean Dice" in MMSPipeline.comparison.metric_note({}) and "worst test vendor" in MMSPipeline.comparison.metric_note({})
+    cls_note = MMSPipeline.comparison.metric_note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
     assert "classification accuracy of the worst test centre" in cls_note and "Dice" not in cls_note
 
 
@@ -496,8 +500,8 @@ def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipe
         for head in plain:
             scale = float(plain[head].abs().max())  # folding rounds differently: agreement relative to the range
             assert torch.allclose(fast[head], plain[head], rtol=0, atol=1e-5 * scale), (encoder, head)
-        for pc in mms_pipeline.case("test", 0).phases.values():
-            labels, cls, _ = mms_pipeline.predict_volume(Runtime().predictor(net), pc.image)
+        for pc in mms_pipeline.evaluation.case("test", 0).phases.values():
+            labels, cls, _ = mms_pipeline.inference.predict_volume(Runtime().predictor(net), pc.image)
             want, want_cls = _previous_predict_volume(mms_pipeline, net, pc.image)
             assert np.array_equal(labels, want), encoder
             assert torch.allclose(cls, want_cls, atol=1e-5), encoder

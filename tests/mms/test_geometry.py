@@ -82,7 +82,7 @@ def test_pipeline_preprocess_invert_save_round_trip(tmp_path: Path) -> None:
 
     # "probabilities" made in the working space: the one-hot of the preprocessed truth
     probs = F.one_hot(out["label"][0].as_tensor().round().long(), 4).permute(3, 0, 1, 2).float()
-    native = pipe.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"]
+    native = pipe.inference.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"]
     pred = native.argmax(0).numpy().astype(np.uint8)
     assert pred.shape == shape
     assert np.abs(native.affine.numpy() - SHEARED).max() < 1e-9  # MONAI's float64 recomputation: close, not equal
@@ -123,7 +123,7 @@ def test_fast_inplane_inversion_equals_invertd(tmp_path: Path, spacing: list[flo
     pipe, work = _work_volume(tmp_path, spacing, roi)
     torch.manual_seed(0)
     probs = torch.softmax(2 * torch.randn(4, *work.shape[1:]), 0)
-    want = pipe.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"].as_tensor().float()
+    want = pipe.inference.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"].as_tensor().float()
     got = invert_inplane(probs, work)
     assert got is not None and got.shape == want.shape == (4, 75, 44, 5)
     assert torch.allclose(got, want, rtol=0, atol=1e-4)

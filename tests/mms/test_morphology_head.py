@@ -7,6 +7,7 @@ from numpy.testing import assert_allclose
 
 from groupdistil.errors import UserError
 from mms_pipeline.models import MorphologyHead, build_unet
+from mms_pipeline.pipeline import MMSPipeline
 
 
 def one_hot_logits(label: torch.Tensor) -> torch.Tensor:
@@ -43,5 +44,6 @@ def test_the_classification_loss_never_reaches_the_segmentation_network():
 def test_encoder_head_is_still_smps_and_unknown_heads_are_refused():
     net = build_unet("resnet18", (32, 16, 16, 8, 8), {"seg": 4, "cls": 3})
     assert net.morphology is None and net(torch.randn(1, 1, 64, 64))["cls"].shape == (1, 3)
-    with pytest.raises(UserError, match="model.cls_head: unknown head 'pixels'; valid: indices, encoder, morphology"):
-        build_unet("resnet18", (32, 16, 16, 8, 8), {"seg": 4, "cls": 3}, cls_head="pixels")
+    with pytest.raises(UserError, match="model.cls_head = 'pixels' is not allowed; it must be indices, encoder or "
+                                        "morphology"):
+        MMSPipeline.model_for({"model": {"encoder": "resnet18", "cls_head": "pixels"}})

@@ -59,7 +59,7 @@ def test_per_class_accuracy_for_selection_by_worst_class(mms_root, make_pipeline
         rows += [{"Name": s.code, "ED/ES": "ED", "Vendor": s.vendor, "Centre": s.centre, **metrics,
                   "cls_correct": float(i % 2), "Pathology": s.pathology},
                  {"Name": s.code, "ED/ES": "ES", "Vendor": s.vendor, "Centre": s.centre, **metrics}]
-    out = p.summarise(rows)
-    truth = [p.dcfg["classes"][p.class_index(s)] for s in subjects]
+    out = p.evaluation.summarise(rows)
+    truth = [p.dcfg["classes"][p.pathology.class_index(s)] for s in subjects]
     want = {c: np.mean([i % 2 for i, t in enumerate(truth) if t == c]) for c in p.dcfg["classes"] if c in truth}
     assert out["class_metric"] == pytest.approx(want)

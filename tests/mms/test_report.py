@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from mms_pipeline import metrics as M
+from mms_pipeline import examples as E
+from mms_pipeline.data import VENDOR_NAMES
 from mms_pipeline import report as R
 
 VENDORS = {"A": (1, 6), "B": (2, 3), "C": (4,), "D": (5,)}
@@ -30,7 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)
     shape, spacing = (24, 24, 5), (1.25, 1.25, 10.0)
-    rows, collector = [], R.ExampleCollector()
+    rows, collector = [], E.ExampleCollector()
     for vendor, centres in VENDORS.items():
         for k in range(3):
             code = f"{vendor}{k:05d}"
@@ -72,8 +74,8 @@ def test_report_renders_tables_plots_and_examples(run: Path) -> None:
     assert (run / R.BOXPLOT_FILE).stat().st_size > 0 and (run / R.EXAMPLES_PNG).stat().st_size > 0
     assert f"]({R.BOXPLOT_FILE})" in md and f"]({R.EXAMPLES_PNG})" in md
     for vendor in VENDORS:  # named beside the letter (A (Siemens)); the interval table counts subjects
-        assert re.search(rf"^\| {vendor} \({R.VENDOR_NAMES[vendor]}\) \| \d+ \|", md, re.MULTILINE), vendor
-        assert f"<td>{vendor} ({R.VENDOR_NAMES[vendor]})</td>" in page
+        assert re.search(rf"^\| {vendor} \({VENDOR_NAMES[vendor]}\) \| \d+ \|", md, re.MULTILINE), vendor
+        assert f"<td>{vendor} ({VENDOR_NAMES[vendor]})</td>" in page
     worst = ev["by_vendor"]["worst"][M.MEAN_DICE]["group"]
     assert f"Worst vendor by mean Dice: {worst}" in md
     assert "| worst |" in md and "cls accuracy" in md and "LV EF err (%)" in md
@@ -98,13 +100,13 @@ def test_example_slice_is_mid_ventricular() -> None:
     fg = [0, 40, 30, 10, 12, 20, 11, 5, 0]  # slices 1..7 hold the heart; middle third 3..5; basal slice 1 largest
     for z, n in enumerate(fg):
         gt.reshape(64, 9)[:n, z] = 1
-    assert R.example_slice(gt, np.zeros_like(gt)) == 5
-    assert R.example_slice(np.zeros_like(gt), gt) == 5  # falls back to the prediction
-    assert R.example_slice(np.zeros_like(gt), np.zeros_like(gt)) == 4
+    assert E.example_slice(gt, np.zeros_like(gt)) == 5
+    assert E.example_slice(np.zeros_like(gt), gt) == 5  # falls back to the prediction
+    assert E.example_slice(np.zeros_like(gt), np.zeros_like(gt)) == 4
 
 
 def test_collector_keeps_best_and_worst_per_vendor_and_npz_round_trips(tmp_path: Path) -> None:
-    collector = R.ExampleCollector()
+    collector = E.ExampleCollector()
     z = np.zeros((6, 5, 3))
     for name, vendor, dice in [("a", "A", 0.5), ("b", "A", 0.9), ("c", "A", 0.7), ("d", "B", 0.6)]:
         row = {"Name": name, "ED/ES": "ES", "Vendor": vendor, "Dice LV": dice, "Dice MYO": dice, "Dice RV": dice}
@@ -112,8 +114,8 @@ def test_collector_keeps_best_and_worst_per_vendor_and_npz_round_trips(tmp_path:
     examples = collector.examples()
     assert [(e["vendor"], e["kind"], e["name"]) for e in examples] == [("A", "best", "b"), ("A", "worst", "a"),
                                                                         ("B", "best", "d")]
-    R.save_examples(tmp_path / "ex.npz", examples)
-    back = R.load_examples(tmp_path / "ex.npz")
+    E.save_examples(tmp_path / "ex.npz", examples)
+    back = E.load_examples(tmp_path / "ex.npz")
     assert len(back) == 3
     for e, b in zip(examples, back):
         assert b["image"].shape == (6, 5) and b["image"].dtype == np.float32 and b["gt"].dtype == np.uint8
@@ -122,7 +124,7 @@ def test_collector_keeps_best_and_worst_per_vendor_and_npz_round_trips(tmp_path:
                {k: e[k] for k in ("caption", "vendor", "kind", "name", "phase", "slice")}
         assert b["dice"] == pytest.approx(e["dice"])
     with pytest.raises(ValueError, match="2-D"):
-        R.save_examples(tmp_path / "bad.npz", [{"image": z, "gt": z, "pred": z, "caption": ""}])
+        E.save_examples(tmp_path / "bad.npz", [{"image": z, "gt": z, "pred": z, "caption": ""}])
 
 
 def test_report_grouped_by_centre_is_per_centre_throughout(run: Path, tmp_path: Path) -> None:
@@ -130,7 +132,7 @@ def test_report_grouped_by_centre_is_per_centre_throughout(run: Path, tmp_path: 
     named with its vendor; the vendors are folded."""
     rows = M.read_per_case_csv(run / R.PER_CASE_FILE)
     M.write_per_case_csv(tmp_path / R.PER_CASE_FILE, rows)
-    collector = R.ExampleCollector("Centre")
+    collector = E.ExampleCollector("Centre")
     rng = np.random.default_rng(1)
     for r in rows:
         lab = _volume(rng, (24, 24, 5), 0.0)
@@ -151,14 +153,14 @@ def test_report_grouped_by_centre_is_per_centre_throughout(run: Path, tmp_path: 
         assert heading in md, heading
     assert "| Centre | volumes (subjects) |" in md and "| 1 (A, Siemens) |" in md and "| worst centre |" in md
     assert "Worst vendor" not in md and "**Dice and Hausdorff per vendor (this run is grouped by centre)**" in md
-    examples = R.load_examples(tmp_path / R.EXAMPLES_FILE)
+    examples = E.load_examples(tmp_path / R.EXAMPLES_FILE)
     assert {e["group"] for e in examples} == {str(c) for cs in VENDORS.values() for c in cs}
     assert examples[0]["caption"].startswith("centre 1 (A, Siemens), best: ")
     # an examples.npz written before the group field existed still loads
     legacy = dict(np.load(tmp_path / R.EXAMPLES_FILE))
     del legacy["group"]
     np.savez(tmp_path / "old.npz", **legacy)
-    assert R.load_examples(tmp_path / "old.npz")[0]["group"] == ""
+    assert E.load_examples(tmp_path / "old.npz")[0]["group"] == ""
 
 
 def test_pipeline_grouped_by_centre_collects_examples_per_centre(mms_root: Path, make_pipeline, tmp_path: Path) -> None:
@@ -167,6 +169,6 @@ def test_pipeline_grouped_by_centre_collects_examples_per_centre(mms_root: Path,
     res = pipe.evaluate(model, "test", out_dir=tmp_path)
     centres = {str(s.centre) for s in pipe.splits["test"]}
     assert set(res["group_metric"]) == centres
-    assert {e["group"] for e in R.load_examples(tmp_path / R.EXAMPLES_FILE)} == centres
+    assert {e["group"] for e in E.load_examples(tmp_path / R.EXAMPLES_FILE)} == centres
     pipe.write_report(tmp_path, {"selected_step": 1, "test": res}, {"method": "erm"})
     assert "## Test: per centre" in (tmp_path / "report.md").read_text()

@@ -1,6 +1,7 @@
-"""What ``compare`` reads from a finished M&Ms run folder (its ``per_case.csv`` and ``config.yaml``): one score per
-subject for the paired per-case tests (:func:`case_scores`), and the Dice and HD95 of each structure per group for
-the comparison's table (:func:`group_breakdown`)."""
+"""What ``groupdistil compare`` reads from finished M&Ms runs (their ``per_case.csv`` and ``config.yaml``) beyond
+``metrics.json``: :class:`MMSComparison`, the pipeline's :class:`~groupdistil.pipeline.ComparisonHooks`. One score
+per subject for the paired per-case tests (:func:`case_scores`), and the Dice and HD95 of each structure per group
+for the comparison's table (:func:`group_breakdown`)."""
 from __future__ import annotations
 
 import math
@@ -10,20 +11,18 @@ from typing import Any
 import numpy as np
 import yaml
 
-from groupdistil.pipeline import GroupBreakdown
+from groupdistil.pipeline import ComparisonHooks, GroupBreakdown
 
+from .config import metric_and_grouping
 from .metrics import STRUCTURES, mean_dice, read_per_case_csv, summarise
+from .report import PER_CASE_FILE
+from .splits import group_column, group_title
 
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     """The ``config.yaml`` of a run folder ({} when there is none)."""
     path = Path(run_dir) / "config.yaml"
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
-
-
-def group_column(group_by: str) -> str:
-    """The per-case column of the groups of ``data.group_by``."""
-    return "Vendor" if group_by == "vendor" else "Centre"
 
 
 def subject_means(scores: list[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
@@ -77,3 +76,37 @@ def group_breakdown(per_case: Path, group_by: str) -> GroupBreakdown | None:
         group_by, tuple(t for t, _, _, _ in BREAKDOWN), tuple(h for _, _, h, _ in BREAKDOWN),
         tuple(d for _, _, _, d in BREAKDOWN), {g: {t: mean(g, m) for t, m, _, _ in BREAKDOWN} for g in groups},
         {g: len({r["Name"] for r in rows if str(r[key]) == g}) for g in groups}, BREAKDOWN_NOTE)
+
+
+class MMSComparison(ComparisonHooks):
+    """The comparison hooks of :class:`~mms_pipeline.pipeline.MMSPipeline` (``MMSPipeline.comparison``): scores
+    per subject, the table per structure and group, vendor and centre names."""
+
+    case_unit = "subjects"
+
+    @classmethod
+    def metric_note(cls, cfg: dict[str, Any]) -> str:
+        metric, group = metric_and_grouping(cfg)
+        if metric == "accuracy":
+            return (f"Worst-group metric: the subject-level pathology classification accuracy of the worst test "
+                    f"{group}. Average metric: the accuracy over all test subjects. Per-case test: each subject "
+                    f"scored 1 if its pathology was right, 0 if not.")
+        return (f"Worst-group metric: the mean Dice (over LV, MYO, RV and the ED and ES phases) of the worst test "
+                f"{group}. Average metric: the mean Dice over all test cases.")
+
+    @classmethod
+    def case_scores(cls, run_dir: Path) -> list[tuple[str, str, float]] | None:
+        """One test score per subject, on the run's own metric (:func:`case_scores`: a subject's ED and ES mean Dice
+        averaged; or whether its pathology was right)."""
+        metric, group_by = metric_and_grouping(run_config(Path(run_dir)))
+        return case_scores(Path(run_dir) / PER_CASE_FILE, metric, group_by)
+
+    @classmethod
+    def group_breakdown(cls, run_dir: Path) -> GroupBreakdown | None:
+        """Dice and HD95 of LV, MYO, RV per group and n subjects (:func:`group_breakdown`)."""
+        _, group_by = metric_and_grouping(run_config(Path(run_dir)))
+        return group_breakdown(Path(run_dir) / PER_CASE_FILE, group_by)
+
+    @classmethod
+    def group_label(cls, group: str, cfg: dict[str, Any]) -> str:
+        return group_title(group, metric_and_grouping(cfg)[1])
