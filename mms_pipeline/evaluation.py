@@ -33,7 +33,8 @@ from . import data, scoring
 from .examples import EXAMPLES_FILE, ExampleCollector
 from .geometry import save_prediction
 from .inference import VolumeInference
-from .metrics import STRUCTURES, mean_dice, summarise as summarise_rows, write_per_case_csv
+from .metrics import STRUCTURES, mean_dice, write_per_case_csv
+from .metrics import summarise as summarise_rows
 from .pathology import Pathology
 from .report import PER_CASE_FILE
 from .splits import group_column

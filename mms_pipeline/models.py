@@ -27,7 +27,6 @@ from torch import nn
 
 from groupdistil.errors import UserError
 
-
 #: the pathology heads (``model.cls_head``): ``indices`` (the default) decides from the clinical indices of the
 #: predicted segmentation after inference (:mod:`mms_pipeline.pathology`): the network has no classification output
 CLS_HEADS = ("indices", "encoder", "morphology")

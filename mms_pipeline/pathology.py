@@ -61,7 +61,7 @@ class IndexClassifier:
             raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
         self.n_classes, self.shrinkage = int(n_classes), float(shrinkage)
 
-    def fit(self, x: np.ndarray, y: Sequence[int]) -> "IndexClassifier":
+    def fit(self, x: np.ndarray, y: Sequence[int]) -> IndexClassifier:
         x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64)
         if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
             raise ValueError("fit needs X (n, d) and y (n,) with n >= 2")

@@ -28,8 +28,8 @@ import numpy as np
 from groupdistil.errors import UserError
 
 from . import data
-from .metrics import case_metrics, clinical_indices
 from .examples import ExampleCollector
+from .metrics import case_metrics, clinical_indices
 
 NAMINGS = ("groupdistil", "nnunet")
 #: what nnUNetv2_predict writes into its output folder besides the label maps

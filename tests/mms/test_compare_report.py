@@ -76,10 +76,10 @@ def test_wilcoxon_and_bootstrap_count_subjects_by_hand(tmp_path: Path) -> None:
 
 
 def test_the_report_names_the_unit() -> None:
-    assert nice_metric("group.B", "erm", MMSPipeline.comparison.case_unit) == "subjects of B, the worst group of erm"
-    assert ci_note(MMSPipeline.comparison.case_unit).startswith("Paired bootstrap (subjects): first − second method on the same "
-                                                     "test subjects")
-    assert MMSPipeline.comparison.case_unit == "subjects"
+    unit = MMSPipeline.comparison.case_unit
+    assert nice_metric("group.B", "erm", unit) == "subjects of B, the worst group of erm"
+    assert ci_note(unit).startswith("Paired bootstrap (subjects): first − second method on the same test subjects")
+    assert unit == "subjects"
 
 
 def writer(specs: list[RunSpec], tmp_path: Path) -> Writer:

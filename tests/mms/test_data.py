@@ -428,6 +428,8 @@ def test_evaluation_config_holds_what_scores_a_teacher() -> None:
 def test_evaluate_and_outputs(mms_pipeline: MMSPipeline, tmp_path: Path) -> None:
     model = mms_pipeline.model_for({"model": {}}).eval()
     res = mms_pipeline.evaluate(model, "test", out_dir=tmp_path)
+    alone = mms_pipeline.evaluate(model, "test")  # how the engine scores a teacher: no files, the same metrics
+    assert {k: v for k, v in alone.items() if k != "timing"} == {k: v for k, v in res.items() if k != "timing"}
     assert set(res["group_metric"]) == {"A", "B", "C", "D"}
     assert res["worst_group_metric"] == min(res["group_metric"].values())
     assert 0 <= res["average_metric"] <= 1 and "infer_seconds_per_case" in res["timing"]
@@ -466,8 +468,9 @@ def test_fingerprint_changes_with_the_data(broken_copy, mms_pipeline: MMSPipelin
 
 
 def test_metric_note_follows_the_metric_and_grouping() -> None:
-    assert "mean Dice" in MMSPipeline.comparison.metric_note({}) and "worst test vendor" in MMSPipeline.comparison.metric_note({})
-    cls_note = MMSPipeline.comparison.metric_note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
+    note = MMSPipeline.comparison.metric_note
+    assert "mean Dice" in note({}) and "worst test vendor" in note({})
+    cls_note = note({"eval": {"metric": "accuracy"}, "data": {"group_by": "centre"}})
     assert "classification accuracy of the worst test centre" in cls_note and "Dice" not in cls_note
 
 
@@ -476,13 +479,12 @@ def test_the_runtime_predictor_feeds_channels_last_and_keeps_the_labels(mms_pipe
     CPU, issue 17): the logits of the student and the teacher architectures agree with a plain call on the
     contiguous batch to float32 rounding, and the whole path's labels and class probabilities are the same. Every
     BatchNorm of both architectures is folded into its convolution (the predictor does it when made), with
-    running statistics far from the identity; also in the separable decoder stage and head (``model.separable_stages``,
-    ``model.separable_head``)."""
+    running statistics far from the identity; also with 4 decoder stages (the encoder cut at stride 16)."""
     from groupdistil.fold import fold_batchnorm
     from groupdistil.runtime import Runtime
 
     torch.manual_seed(0)
-    lite = {"decoder_channels": [32, 16, 16, 16], "separable_stages": 1, "separable_head": True}
+    lite = {"decoder_channels": [32, 16, 16, 16]}
     for encoder, extra in (("tu-tf_mobilenetv3_small_minimal_100", {}), ("resnet18", {}),
                            ("tu-tf_mobilenetv3_small_minimal_100", lite)):
         net = mms_pipeline.model_for({"model": {"cls_head": "encoder", "encoder": encoder, **extra}}).eval()

@@ -123,7 +123,8 @@ def test_fast_inplane_inversion_equals_invertd(tmp_path: Path, spacing: list[flo
     pipe, work = _work_volume(tmp_path, spacing, roi)
     torch.manual_seed(0)
     probs = torch.softmax(2 * torch.randn(4, *work.shape[1:]), 0)
-    want = pipe.inference.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"].as_tensor().float()
+    want = pipe.inference.inverter({"image": work, "pred": MetaTensor(probs, affine=work.affine)})["pred"]
+    want = want.as_tensor().float()
     got = invert_inplane(probs, work)
     assert got is not None and got.shape == want.shape == (4, 75, 44, 5)
     assert torch.allclose(got, want, rtol=0, atol=1e-4)

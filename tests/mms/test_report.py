@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mms_pipeline import metrics as M
 from mms_pipeline import examples as E
-from mms_pipeline.data import VENDOR_NAMES
+from mms_pipeline import metrics as M
 from mms_pipeline import report as R
+from mms_pipeline.data import VENDOR_NAMES
 
 VENDORS = {"A": (1, 6), "B": (2, 3), "C": (4,), "D": (5,)}
 
@@ -139,7 +139,8 @@ def test_report_grouped_by_centre_is_per_centre_throughout(run: Path, tmp_path: 
         collector.add(r, rng.random(lab.shape).astype(np.float32), lab, lab)
     collector.save(tmp_path / R.EXAMPLES_FILE)
     by_centre = M.summarise(rows, "Centre")
-    ev = {**_evaluation(rows), "group_metric": {g: by_centre[g][M.MEAN_DICE]["mean"] for g in by_centre if g != "worst"}}
+    means = {g: by_centre[g][M.MEAN_DICE]["mean"] for g in by_centre if g != "worst"}
+    ev = {**_evaluation(rows), "group_metric": means}
     ev["worst_group_metric"] = min(ev["group_metric"].values())
     R.write_mms_report(tmp_path, {"selected_step": 1, "test": ev}, {"method": "kd", "group_by": "centre"})
     md = (tmp_path / "report.md").read_text()
