@@ -351,9 +351,14 @@ def check_rules(cfg: dict[str, Any], source: str, rules: tuple[Rule, ...] | list
     allowed. A key absent from ``cfg`` or set to None is not checked."""
     import math
 
-    flat = flatten(cfg)
+    def value(dotted: str) -> Any:  # looked up by path: a mapping-valued key is checked as the mapping
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
     for rule in rules:
-        v = flat.get(rule.key)
+        v = value(rule.key)
         if v is None and not rule.whole:
             continue
         try:
