@@ -346,19 +346,21 @@ def short_repr(value: Any, limit: int = 60) -> str:
     return f"{text[:limit]}... ({type(value).__name__}{size})"
 
 
+def lookup(cfg: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key (``"train.lr"``; a section name gives the section), None where it is absent."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def check_rules(cfg: dict[str, Any], source: str, rules: tuple[Rule, ...] | list[Rule] = RANGES) -> None:
     """Every rule holds (types were checked by :func:`validate`); else one error naming the key and what is
     allowed. A key absent from ``cfg`` or set to None is not checked."""
     import math
 
-    def value(dotted: str) -> Any:  # looked up by path: a mapping-valued key is checked as the mapping
-        node: Any = cfg
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        return node
-
     for rule in rules:
-        v = value(rule.key)
+        v = lookup(cfg, rule.key)
         if v is None and not rule.whole:
             continue
         try:

@@ -13,7 +13,7 @@ import numpy as np
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint
 from .io import atomic_write_json
-from .pipeline import Pipeline
+from .pipeline import Pipeline, evaluated
 from .progress import log
 from .runtime import Predictor, Runtime, count_params, machine_state
 from .teacher import SPLITS, TeacherSource
@@ -26,8 +26,7 @@ def evaluate_with_teacher(pipeline: Pipeline, runtime: Runtime, predict: Predict
                           out_dir: Path | None, teacher: TeacherSource | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(metrics, timing)`` of one model on ``split`` with the teacher's evaluation under ``"teacher"`` (and the
     student's agreement with it, for a pipeline whose evaluation gives per-case ``outputs``)."""
-    m = pipeline.evaluate(predict, split, out_dir=out_dir)
-    timing, outputs = m.pop("timing", {}), m.pop("outputs", None)
+    m, timing, outputs = evaluated(pipeline, predict, split, out_dir)
     theirs = teacher.evaluate(pipeline, runtime, split) if teacher is not None else None
     if theirs is not None:
         m["teacher"] = theirs.metrics
@@ -37,14 +36,6 @@ def evaluate_with_teacher(pipeline: Pipeline, runtime: Runtime, predict: Predict
             if out_dir is not None and dist_utils.is_main():
                 pipeline.add_teacher_outputs(out_dir, split, theirs.outputs)
     return m, timing
-
-
-def model_metrics(pipeline: Pipeline, predict: Predictor, split: str) -> dict[str, Any]:
-    """A model's metrics on ``split`` alone (no per-case files, no timing)."""
-    m = pipeline.evaluate(predict, split)
-    m.pop("timing", None)
-    m.pop("outputs", None)
-    return m
 
 
 def final_evaluation(tr: Training, step: int, train_seconds: float) -> dict[str, Any]:
@@ -68,7 +59,7 @@ def final_evaluation(tr: Training, step: int, train_seconds: float) -> dict[str,
         if metrics["selected_step"] == step:  # the same weights: no second evaluation
             last[split] = {k: v for k, v in metrics[split].items() if not k.startswith("teacher")}
         else:
-            last[split] = model_metrics(pipeline, runtime.predictor(tr.student), split)
+            last[split] = evaluated(pipeline, runtime.predictor(tr.student), split)[0]
     metrics["last"] = last
     timing["eval_seconds"] = time.time() - t0
     if teacher is not None and teacher.record is not None:  # the teacher's figures and time are its run's own

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .config import Rule, check_rules
+from .config import Rule, check_rules, lookup
 from .errors import UserError
 from .runtime import Predictor
 
@@ -188,8 +188,11 @@ class Pipeline(abc.ABC):
 
     @classmethod
     def model_for(cls, cfg: dict[str, Any]) -> nn.Module:
-        """The model of a run config (teacher loading, export, the trainer), without reading any data."""
-        return cls.build_model(cls.with_defaults(cfg))
+        """The model of a run config (teacher loading, export, the trainer), without reading any data; the config's
+        values checked against :attr:`rules` first (a checkpoint's config has not been through a pipeline)."""
+        cfg = cls.with_defaults(cfg)
+        check_rules(cfg, "config", cls.rules)
+        return cls.build_model(cfg)
 
     @classmethod
     def preprocessing(cls, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -242,14 +245,16 @@ class Pipeline(abc.ABC):
 
 def evaluation_values(pipeline_cls: type[Pipeline], cfg: dict[str, Any]) -> dict[str, Any]:
     """The values of the pipeline's :attr:`~Pipeline.evaluation_keys` in a run config (defaults filled)."""
-    from .config import flatten
-
     cfg = pipeline_cls.with_defaults(cfg)
-    flat = flatten(cfg)
-    out: dict[str, Any] = {}
-    for key in pipeline_cls.evaluation_keys:
-        out[key] = cfg.get(key) if "." not in key else flat.get(key)
-    return out
+    return {key: lookup(cfg, key) for key in pipeline_cls.evaluation_keys}
+
+
+def evaluated(pipeline: Pipeline, predict: Predictor, split: str,
+              out_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """:meth:`Pipeline.evaluate` split into ``(metrics, timing, outputs)``: what goes to ``metrics.json``, to
+    ``timing.json``, and the per-case outputs (None when the pipeline gives none)."""
+    m = pipeline.evaluate(predict, split, out_dir=out_dir)
+    return m, m.pop("timing", {}), m.pop("outputs", None)
 
 
 def pipeline_names() -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,6 +27,7 @@ from .errors import UserError
 # the probability helpers are part of this module's interface (pipelines and tests import them from here)
 from .probabilities import (PROB_FLOOR, PROB_SUM_ATOL, is_probabilities_source, probabilities_identity,  # noqa: F401
                             probabilities_problem)
+from .pipeline import Pipeline, evaluated, evaluation_values
 from .progress import log
 
 
@@ -267,8 +268,6 @@ class TeacherSource:
         """Take the teacher run's recorded val/test evaluation when it holds for this run (:func:`recorded_evaluation`;
         a pipeline with per-case ``outputs`` must also read them from the teacher's folder): the final evaluation
         then reports it instead of running the teacher again."""
-        from .pipeline import Pipeline, evaluation_values
-
         if self.model is None:
             return
         ck_path = resolve_checkpoint(self.path)
@@ -277,8 +276,7 @@ class TeacherSource:
                                           lambda c: evaluation_values(type(pipeline), c), where)
         if record is not None and type(pipeline).recorded_outputs is not Pipeline.recorded_outputs:
             outputs = {s: pipeline.recorded_outputs(record.run_dir, s) for s in SPLITS}
-            record = None if any(o is None for o in outputs.values()) else TeacherRecord(
-                record.run_dir, record.metrics, record.timing, outputs)
+            record = None if any(o is None for o in outputs.values()) else replace(record, outputs=outputs)
             why = why if record is not None else f"the {pipeline.name} pipeline cannot read its per-case outputs"
         if record is not None:
             log(f"teacher: its val and test evaluation is taken from {record.run_dir}/metrics.json ({why}), "
@@ -294,6 +292,5 @@ class TeacherSource:
                                      self.record.outputs.get(split))
         if self.model is None:
             return None
-        m = pipeline.evaluate(runtime.predictor(self.model), split)
-        seconds = m.pop("timing", {}).get("infer_seconds_per_case")
-        return TeacherEvaluation(m, seconds, m.pop("outputs", None))
+        m, timing, outputs = evaluated(pipeline, runtime.predictor(self.model), split)
+        return TeacherEvaluation(m, timing.get("infer_seconds_per_case"), outputs)

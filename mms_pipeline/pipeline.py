@@ -25,7 +25,6 @@ import torch
 from monai.transforms import Compose
 from torch import nn
 
-from groupdistil.config import check_rules
 from groupdistil.errors import UserError
 from groupdistil.pipeline import Pipeline, Predictor
 
@@ -172,7 +171,6 @@ class MMSPipeline(Pipeline):
 
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
-        check_rules(cfg, "config", cls.rules)  # also when built from a config without a pipeline (model_for)
         m = cfg["model"]
         return build_unet(m["encoder"], m["decoder_channels"], cls._heads(cfg), in_channels=1,
                           dropout=m["dropout"], pretrained=m["pretrained"], cls_head=m["cls_head"])

@@ -148,7 +148,6 @@ class WaterbirdsPipeline(Pipeline):
 
     @classmethod
     def build_model(cls, cfg: dict[str, Any]) -> nn.Module:
-        cfg = cls._checked(cfg)
         m = cfg["model"]
         return build_model(str(m["arch"]), bool(m["pretrained"]), len(_class_names(cfg)))
 
